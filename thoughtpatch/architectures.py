@@ -1,0 +1,117 @@
+"""Architecture knowledge as data: one declaration per model family.
+
+Each :class:`Architecture` says where the pieces that the math of the implicit updates needs live
+inside one decoder block, as dotted module paths relative to the block, and which block form the
+family uses. Adding a family is adding one declaration to :data:`ARCHITECTURES`::
+
+    Architecture(
+        name="llama",
+        model_types=("llama",),
+        mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+    )
+
+Block forms:
+
+* ``pre_norm``: ``r = h + Attn(N1 h)``; ``h' = r + MLP(N2 r)`` (Llama, Mistral, Qwen, Phi-3, GPT-2).
+* ``sandwich``: ``r = h + P1(Attn(N1 h))``; ``h' = r + P2(MLP(N2 r))`` (Gemma-2, Gemma-3).
+
+The mid-residual ``r`` is the input of ``mlp_norm``; the MLP input ``z = N2(r)`` is its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "submodule"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the parts of one decoder block live, for one family of models."""
+
+    name: str
+    model_types: tuple[str, ...]
+    block: str = "pre_norm"
+    decoder: str = "model"  # the decoder stack inside the *ForCausalLM model
+    layers: str = "model.layers"
+    input_norm: str = "input_layernorm"
+    attention: str = "self_attn"
+    attn_out: str = "self_attn.o_proj"  # reads the concatenated head outputs
+    post_attn_norm: str | None = None  # sandwich norm applied to the attention branch
+    mlp_norm: str = "post_attention_layernorm"  # N2: reads r, writes z
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every matrix that reads z
+    mlp_out: str = "mlp.down_proj"
+    post_mlp_norm: str | None = None
+    transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
+    mlp_bias_flag: str | None = "mlp_bias"  # config flag that gives the down projection a bias
+
+    @property
+    def branch(self) -> str:
+        """The module whose output is the attention branch added to the residual."""
+        return self.post_attn_norm or self.attention
+
+    @property
+    def vector_bakes(self) -> bool:
+        """True where a vector on the residual after the MLP equals a down-projection bias."""
+        return self.post_mlp_norm is None and self.block != "parallel"
+
+
+_SANDWICH = dict(
+    block="sandwich",
+    post_attn_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+    mlp_bias_flag=None,
+)
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("llama", ("llama",)),
+    Architecture("mistral", ("mistral",), mlp_bias_flag=None),
+    Architecture("qwen2", ("qwen2",), mlp_bias_flag=None),
+    Architecture("qwen3", ("qwen3",), mlp_bias_flag=None),
+    Architecture("gemma", ("gemma",), mlp_bias_flag=None),
+    Architecture("gemma2", ("gemma2",), **_SANDWICH),
+    Architecture("gemma3", ("gemma3_text",), **_SANDWICH),
+    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",), mlp_bias_flag=None),
+    Architecture(
+        "gpt2",
+        ("gpt2",),
+        decoder="transformer",
+        layers="transformer.h",
+        input_norm="ln_1",
+        attention="attn",
+        attn_out="attn.c_proj",
+        mlp_norm="ln_2",
+        mlp_inputs=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        transposed=True,
+        mlp_bias_flag=None,  # c_proj always has a bias
+    ),
+)
+
+
+def architecture_for(model_or_type: nn.Module | str) -> Architecture:
+    """The declaration for a model (or a ``config.model_type``); a clear error if there is none."""
+    model_type = (
+        model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
+    )
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    raise UsageError(
+        f"unsupported architecture {model_type!r}; supported: {supported} "
+        "(add an Architecture declaration in thoughtpatch/architectures.py)"
+    )
+
+
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)`` with an error that names the missing path."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as exc:
+        raise UsageError(f"model has no module {path!r}: {exc}") from None

@@ -1,0 +1,218 @@
+"""Running the model: padding, stepping through blocks one at a time, taps and hooks, greedy decoding.
+
+Stepping: :func:`layer_calls` runs the decoder once with every block replaced by the identity and records
+the arguments each block receives (masks, position embeddings: whatever the family computes). Calling
+``block(hidden, *args, **kwargs)`` with them then advances any hidden state by one block, exactly as the
+model's own forward does, so code here never needs to know how a family builds its masks or positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import Architecture, submodule
+
+__all__ = [
+    "Block",
+    "LayerCalls",
+    "blocks",
+    "layer_calls",
+    "run_block",
+    "hooks",
+    "matvec",
+    "pad_right",
+    "greedy",
+    "active_positions",
+]
+
+
+@dataclass
+class Block:
+    """The modules of one decoder block that patches read or write."""
+
+    index: int
+    layer: nn.Module
+    attn_out: nn.Module
+    branch: nn.Module
+    mlp_norm: nn.Module
+    mlp_inputs: list[nn.Module]
+    transposed: bool
+
+
+def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
+    layers = submodule(model, arch.layers)
+    return [
+        Block(
+            i,
+            layer,
+            submodule(layer, arch.attn_out),
+            submodule(layer, arch.branch),
+            submodule(layer, arch.mlp_norm),
+            [submodule(layer, p) for p in arch.mlp_inputs],
+            arch.transposed,
+        )
+        for i, layer in enumerate(layers)
+    ]
+
+
+def matvec(module: nn.Module, x: Tensor, transposed: bool) -> Tensor:
+    """``W x`` for the module's weight, without its bias (``transposed``: GPT-2 Conv1D layout)."""
+    w = module.weight
+    return x @ w if transposed else x @ w.T
+
+
+@dataclass
+class LayerCalls:
+    """The input of the first block and the extra arguments every block receives."""
+
+    hidden: Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+@torch.no_grad()
+def layer_calls(
+    model: nn.Module, arch: Architecture, input_ids: Tensor, attention_mask: Tensor
+) -> LayerCalls:
+    layers = submodule(model, arch.layers)
+    seen: list[tuple[Tensor, tuple, dict]] = []
+
+    def identity(hidden_states, *args, **kwargs):
+        seen.append((hidden_states, args, kwargs))
+        return hidden_states
+
+    for layer in layers:
+        layer.forward = identity
+    try:
+        submodule(model, arch.decoder)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return LayerCalls(seen[0][0], [(args, kwargs) for _, args, kwargs in seen])
+
+
+def run_block(block: Block, hidden: Tensor, call: tuple[tuple, dict]) -> Tensor:
+    out = block.layer(hidden, *call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def hooks(specs: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
+    """Install ``(module, "pre" | "fwd", fn)`` hooks for the duration of the block; always removed.
+
+    ``pre`` hooks get ``(module, args)`` and may return new args; ``fwd`` hooks get ``(module, args,
+    output)`` and may return a new output.
+    """
+    handles = []
+    try:
+        for module, kind, fn in specs:
+            reg = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            handles.append(reg(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and attention mask (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def active_positions(attention_mask: Tensor | None, shape: tuple[int, int], past: int, skip: int) -> Tensor:
+    """(B, T) bool: positions at or beyond ``skip`` real tokens into their sequence.
+
+    ``attention_mask`` covers past and current tokens (left padding allowed); without it positions count
+    from ``past``.
+    """
+    b, t = shape
+    if attention_mask is None or attention_mask.dim() != 2:
+        index = torch.arange(past, past + t).expand(b, t)
+    else:
+        index = (attention_mask.long().cumsum(-1) - 1)[:, -t:]
+    return index >= skip
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def greedy(
+    model: nn.Module,
+    prefix: list[int],
+    queries: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy continuations of ``prefix + query`` for each query, batched, with the prefix computed once.
+
+    Each continuation stops after an EOS token (kept) or ``max_new_tokens`` tokens.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    kw = cache_kwarg(model)
+    base = None
+    if prefix:
+        base = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{kw: base})
+    results: list[list[int]] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        b, width, lp = len(chunk), max(len(q) for q in chunk), len(prefix)
+        ids = torch.zeros((b, width), dtype=torch.long)
+        qmask = torch.zeros((b, width), dtype=torch.long)
+        for i, q in enumerate(chunk):  # pad on the left of each query, after the shared prefix
+            ids[i, width - len(q) :] = torch.tensor(q)
+            qmask[i, width - len(q) :] = 1
+        ids, qmask = ids.to(device), qmask.to(device)
+        mask = torch.cat([torch.ones((b, lp), dtype=torch.long, device=device), qmask], 1)
+        pos = lp + (qmask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if base is not None:
+            cache = copy.deepcopy(base)
+            cache.batch_repeat_interleave(b)
+        else:
+            cache = DynamicCache(config=model.config)
+        out_tokens = torch.zeros((b, 0), dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}
+            )
+            nxt = logits.logits[:, -1].argmax(-1)
+            out_tokens = torch.cat([out_tokens, nxt[:, None]], 1)
+            done |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))
+            if bool(done.all()):
+                break
+            ids, pos = nxt[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long, device=device)], 1)
+        for row in out_tokens.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            results.append(row[:cut])
+    return results
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids

@@ -1,0 +1,240 @@
+"""Exact token-dependent implicit updates (Dherin et al. 2025; DESIGN.md section 2).
+
+For every query token ``t`` and block ``l``, with the prompted run's states fed to the prompt-free
+attention::
+
+    delta_t = r_c(t) - r_0(t)     the context effect on the mid-residual
+    a_t     = z_0(t)              what the MLP reads without the prompt
+    u_t     = z_c(t) - a_t        what it should read
+    dW_t    = W u_t a_t^T / |a_t|^2   for every matrix W that reads z
+
+Adding ``delta_t`` after the MLP and using ``W + dW_t`` reproduces the prompted block exactly.
+The prompted and the prompt-free runs advance in lockstep, one block at a time: one prompted forward pass
+plus one prompt-free pass whose query positions are overwritten with the prompted states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import Architecture, architecture_for
+from .engine import Block, blocks, eos_ids, greedy, hooks, layer_calls, matvec, pad_right, run_block
+from .prompts import TokenPairs
+
+__all__ = ["Updates", "extract", "check", "teacher_answers", "detect_sinks"]
+
+
+@dataclass
+class Updates:
+    """Exact implicit updates, one row per (query, token) over all queries, per block."""
+
+    delta: list[Tensor]  # per block (N, d)
+    a: list[Tensor]
+    u: list[Tensor]
+    sink: Tensor  # (L, N) bool: massive-activation positions, kept out of the statistics
+    probe: Tensor  # (N,) which query each row belongs to
+    position: Tensor  # (N,) index of the token within its query
+    embed_delta: Tensor | None  # (N, d) prompted minus prompt-free first-block input, if they differ
+    pairs: TokenPairs
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.delta)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.probe.numel())
+
+
+def teacher_answers(
+    model: nn.Module, tokenizer, pairs: TokenPairs, k: int, batch_size: int = 32
+) -> TokenPairs:
+    """Append the prompted model's own greedy ``k``-token answers to every query (teacher forcing)."""
+    if k <= 0:
+        return pairs
+    answers = greedy(model, pairs.prefix_prompted, pairs.queries, k, eos_ids(model, tokenizer), batch_size)
+    return pairs.with_answers(answers)
+
+
+def detect_sinks(norms: Tensor, factor: float) -> Tensor:
+    """Positions whose residual norm exceeds ``factor`` times the median over all positions."""
+    return norms > factor * norms.median()
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield list(range(start, min(n, start + size)))
+
+
+def _query_view(x: Tensor, offset: int, width: int) -> Tensor:
+    return x[:, offset : offset + width]
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module,
+    pairs: TokenPairs,
+    *,
+    batch_size: int = 16,
+    sink_factor: float = 10.0,
+    progress: Callable[[int], None] | None = None,
+) -> Updates:
+    """Exact implicit updates for every query token of every block."""
+    arch = architecture_for(model)
+    blks = blocks(model, arch)
+    device = next(model.parameters()).device
+    pad = 0
+    lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
+    out: dict[str, list[list[Tensor]]] = {k: [[] for _ in blks] for k in ("delta", "a", "u", "rc", "r0")}
+    probe, position, embed = [], [], []
+    for idx in _batches(len(pairs.queries), batch_size):
+        ids_c, mask_c = pad_right([pairs.prompted(i) for i in idx], pad, device)
+        ids_0, mask_0 = pad_right([pairs.free(i) for i in idx], pad, device)
+        width = max(len(pairs.queries[i]) for i in idx)
+        valid = torch.zeros((len(idx), width), dtype=torch.bool, device=device)
+        for j, i in enumerate(idx):
+            valid[j, : len(pairs.queries[i])] = True
+            probe.append(torch.full((len(pairs.queries[i]),), i))
+            position.append(torch.arange(len(pairs.queries[i])))
+        calls_c = layer_calls(model, arch, ids_c, mask_c)
+        calls_0 = layer_calls(model, arch, ids_0, mask_0)
+        h_c, h_0 = calls_c.hidden, calls_0.hidden
+        embed.append((_query_view(h_c, lc, width) - _query_view(h_0, l0, width))[valid])
+        for blk in blks:
+            tap_c = _tap(blk)
+            with hooks(tap_c.specs):
+                next_c = run_block(blk, h_c, calls_c.calls[blk.index])
+            h_0 = h_0.clone()
+            h_0[:, l0 : l0 + width] = _query_view(h_c, lc, width)
+            tap_0 = _tap(blk)
+            with hooks(tap_0.specs):
+                next_0 = run_block(blk, h_0, calls_0.calls[blk.index])
+            r_c, z_c = (_query_view(tap_c.seen[k], lc, width)[valid] for k in ("r", "z"))
+            r_0, z_0 = (_query_view(tap_0.seen[k], l0, width)[valid] for k in ("r", "z"))
+            for key, val in (("delta", r_c - r_0), ("a", z_0), ("u", z_c - z_0), ("rc", r_c), ("r0", r_0)):
+                out[key][blk.index].append(val)
+            h_c, h_0 = next_c, next_0
+        if progress:
+            progress(len(idx))
+    cat = {k: [torch.cat(v) for v in vals] for k, vals in out.items()}
+    sink = torch.stack(
+        [
+            detect_sinks(rc.norm(dim=-1).float(), sink_factor)
+            | detect_sinks(r0.norm(dim=-1).float(), sink_factor)
+            for rc, r0 in zip(cat["rc"], cat["r0"], strict=True)
+        ]
+    ).cpu()
+    embed_delta = torch.cat(embed)
+    return Updates(
+        cat["delta"],
+        cat["a"],
+        cat["u"],
+        sink,
+        torch.cat(probe),
+        torch.cat(position),
+        embed_delta if embed_delta.abs().max() > 0 else None,
+        pairs,
+    )
+
+
+class _tap:
+    """Records the mid-residual ``r`` (input of the MLP norm) and the MLP input ``z`` (its output)."""
+
+    def __init__(self, blk: Block):
+        self.seen: dict[str, Tensor] = {}
+
+        def grab(module, args, output):
+            self.seen["r"], self.seen["z"] = args[0], output
+
+        self.specs = [(blk.mlp_norm, "fwd", grab)]
+
+
+@torch.no_grad()
+def check(model: nn.Module, updates: Updates, *, batch_size: int = 16) -> float:
+    """Run the prompt-free model with the exact token-dependent updates installed.
+
+    Returns the max absolute logit difference to the prompted model over all query tokens.
+    """
+    arch: Architecture = architecture_for(model)
+    blks = blocks(model, arch)
+    device = next(model.parameters()).device
+    pairs = updates.pairs
+    lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
+    worst = 0.0
+    for idx in _batches(len(pairs.queries), batch_size):
+        ids_c, mask_c = pad_right([pairs.prompted(i) for i in idx], 0, device)
+        ids_0, mask_0 = pad_right([pairs.free(i) for i in idx], 0, device)
+        width = max(len(pairs.queries[i]) for i in idx)
+        rows = torch.isin(updates.probe, torch.tensor(idx))
+        grid = _Grid(updates.probe[rows], updates.position[rows], idx, width, device)
+        specs = []
+        if updates.embed_delta is not None:
+            e = grid.scatter(updates.embed_delta[rows])
+            specs.append((blks[0].layer, "pre", _pre_add(e, l0, width)))
+        for blk in blks:
+            delta, a, u = (grid.scatter(t[blk.index][rows]) for t in (updates.delta, updates.a, updates.u))
+            for w in blk.mlp_inputs:
+                specs.append((w, "fwd", _rank_one(w, a, u, l0, width, blk.transposed)))
+            specs.append((blk.layer, "fwd", _add(delta, l0, width)))
+        with hooks(specs):
+            logits_0 = model(input_ids=ids_0, attention_mask=mask_0).logits
+        logits_c = model(input_ids=ids_c, attention_mask=mask_c).logits
+        diff = (_query_view(logits_0, l0, width) - _query_view(logits_c, lc, width))[grid.valid]
+        worst = max(worst, float(diff.abs().max()))
+    return worst
+
+
+class _Grid:
+    """Scatter flat (N, d) rows back to (B, width, d) at their (query, position)."""
+
+    def __init__(self, probe: Tensor, position: Tensor, idx: list[int], width: int, device):
+        row_of = {q: j for j, q in enumerate(idx)}
+        self.rows = torch.tensor([row_of[int(p)] for p in probe], dtype=torch.long)
+        self.cols = position.long()
+        self.shape = (len(idx), width)
+        self.valid = torch.zeros(self.shape, dtype=torch.bool)
+        self.valid[self.rows, self.cols] = True
+        self.valid = self.valid.to(device)
+        self.device = device
+
+    def scatter(self, flat: Tensor) -> Tensor:
+        out = torch.zeros((*self.shape, flat.shape[-1]), dtype=flat.dtype)
+        out[self.rows, self.cols] = flat.cpu()
+        return out.to(self.device)
+
+
+def _pre_add(extra: Tensor, offset: int, width: int):
+    def fn(module, args):
+        h = args[0].clone()
+        h[:, offset : offset + width] += extra.to(h.dtype)
+        return (h, *args[1:])
+
+    return fn
+
+
+def _add(extra: Tensor, offset: int, width: int):
+    def fn(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[:, offset : offset + width] += extra.to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return fn
+
+
+def _rank_one(w: nn.Module, a: Tensor, u: Tensor, offset: int, width: int, transposed: bool):
+    """Apply ``dW_t = W u_t a_t^T / |a_t|^2`` to whatever the matrix actually reads at token ``t``."""
+    wu = matvec(w, u, transposed)  # (B, width, out)
+    norm2 = (a * a).sum(-1, keepdim=True)
+    inv = torch.where(norm2 > 0, 1.0 / norm2.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(norm2))
+
+    def fn(module, args, output):
+        x = args[0][:, offset : offset + width]
+        out = output.clone()
+        out[:, offset : offset + width] += ((x * a).sum(-1, keepdim=True) * inv) * wu
+        return out
+
+    return fn

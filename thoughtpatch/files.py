@@ -1,0 +1,87 @@
+"""Safe file I/O shared by every format: atomic writes, stdin/stdout (``-``), safetensors only.
+
+Nothing here unpickles: files are read with ``safetensors`` after the header has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import UsageError
+
+__all__ = ["write_bytes", "read_bytes", "save_tensors", "load_tensors"]
+
+MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` atomically (temp file in the same folder, fsync, rename); ``-`` is stdout."""
+    if str(path) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name")
+    if not target.parent.exists():
+        raise UsageError(f"output {path}: folder {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(path: str | Path, what: str) -> bytes:
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    p = Path(path)
+    if not p.exists() or p.is_dir():
+        raise UsageError(f"{what} {path}: no such file")
+    return p.read_bytes()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise to safetensors bytes, keys sorted so that the same inputs give the same bytes."""
+    ordered = {k: tensors[k].detach().contiguous().cpu() for k in sorted(tensors)}
+    return st_save(ordered, metadata={k: metadata[k] for k in sorted(metadata)})
+
+
+def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse safetensors bytes after checking the header; a clear error for anything malformed."""
+    if len(data) < 8:
+        raise UsageError(f"{what}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise UsageError(f"{what}: not a safetensors file (header size {n} is out of bounds)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{what}: not a safetensors file (header is not an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UsageError(f"{what}: metadata must map strings to strings")
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise UsageError(f"{what}: corrupt safetensors file ({str(exc).splitlines()[0]})") from None
+    return tensors, meta
