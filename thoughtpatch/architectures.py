@@ -96,9 +96,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 def architecture_for(model_or_type: nn.Module | str) -> Architecture:
     """The declaration for a model (or a ``config.model_type``); a clear error if there is none."""
-    model_type = (
-        model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
-    )
+    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch

@@ -107,14 +107,10 @@ def extract(
     prompt_file: Annotated[
         str, typer.Argument(help="Prompt file: plain text, or JSON {system, examples}; - for stdin.")
     ],
-    output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Updates file to write (- for stdout).")
-    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Updates file to write (- for stdout).")] = None,
     model: Model = None,
     probes: Probes = None,
-    answer_tokens: Annotated[
-        int, typer.Option(help="Teacher-forced tokens of the prompted model's own answer.")
-    ] = 8,
+    answer_tokens: Annotated[int, typer.Option(help="Teacher-forced tokens of the prompted model's own answer.")] = 8,
     check: Annotated[
         bool, typer.Option("--check", help="Re-run prompt-free with the updates; report the max logit error.")
     ] = False,

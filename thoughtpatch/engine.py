@@ -77,9 +77,7 @@ class LayerCalls:
 
 
 @torch.no_grad()
-def layer_calls(
-    model: nn.Module, arch: Architecture, input_ids: Tensor, attention_mask: Tensor
-) -> LayerCalls:
+def layer_calls(model: nn.Module, arch: Architecture, input_ids: Tensor, attention_mask: Tensor) -> LayerCalls:
     layers = submodule(model, arch.layers)
     seen: list[tuple[Tensor, tuple, dict]] = []
 
@@ -191,9 +189,7 @@ def greedy(
         out_tokens = torch.zeros((b, 0), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}
-            )
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
             nxt = logits.logits[:, -1].argmax(-1)
             out_tokens = torch.cat([out_tokens, nxt[:, None]], 1)
             done |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))

@@ -50,9 +50,7 @@ class Updates:
         return int(self.probe.numel())
 
 
-def teacher_answers(
-    model: nn.Module, tokenizer, pairs: TokenPairs, k: int, batch_size: int = 32
-) -> TokenPairs:
+def teacher_answers(model: nn.Module, tokenizer, pairs: TokenPairs, k: int, batch_size: int = 32) -> TokenPairs:
     """Append the prompted model's own greedy ``k``-token answers to every query (teacher forcing)."""
     if k <= 0:
         return pairs
@@ -123,8 +121,7 @@ def extract(
     cat = {k: [torch.cat(v) for v in vals] for k, vals in out.items()}
     sink = torch.stack(
         [
-            detect_sinks(rc.norm(dim=-1).float(), sink_factor)
-            | detect_sinks(r0.norm(dim=-1).float(), sink_factor)
+            detect_sinks(rc.norm(dim=-1).float(), sink_factor) | detect_sinks(r0.norm(dim=-1).float(), sink_factor)
             for rc, r0 in zip(cat["rc"], cat["r0"], strict=True)
         ]
     ).cpu()

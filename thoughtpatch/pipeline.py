@@ -20,9 +20,7 @@ from .prompts import Prompt, align, sha256_text
 __all__ = ["ExtractResult", "run_extract", "provenance"]
 
 
-def provenance(
-    lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt: bool = True
-) -> dict[str, str]:
+def provenance(lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt: bool = True) -> dict[str, str]:
     """Metadata that says which model, prompt and probes a file came from."""
     meta = {
         "base_model": lm.model_id,
@@ -56,8 +54,8 @@ class ExtractResult:
             "prompt_tokens": len(up.pairs.prefix_prompted),
             "prompt_free_prefix_tokens": len(up.pairs.prefix_free),
             "max_logit_error": self.max_logit_error,
-            "mean_delta_norm": [round(float(d[k].norm(dim=-1).mean()), 4) for d, k in zip(up.delta, keep)],
-            "mean_u_norm": [round(float(u[k].norm(dim=-1).mean()), 4) for u, k in zip(up.u, keep)],
+            "mean_delta_norm": [round(float(d[k].norm(dim=-1).mean()), 4) for d, k in zip(up.delta, keep, strict=True)],
+            "mean_u_norm": [round(float(u[k].norm(dim=-1).mean()), 4) for u, k in zip(up.u, keep, strict=True)],
             "prompt_sha256": self.meta["prompt_sha256"],
             "probes_sha256": self.meta["probes_sha256"],
             "base_model": self.meta["base_model"],

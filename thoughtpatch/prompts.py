@@ -51,9 +51,7 @@ class Prompt:
         """One string that identifies the prompt (its sha256 is the prompt hash)."""
         if not self.examples:
             return self.system
-        return json.dumps(
-            {"system": self.system, "examples": [list(e) for e in self.examples]}, sort_keys=True
-        )
+        return json.dumps({"system": self.system, "examples": [list(e) for e in self.examples]}, sort_keys=True)
 
     @property
     def sha256(self) -> str:
