@@ -29,6 +29,8 @@ __all__ = [
     "matvec",
     "pad_right",
     "greedy",
+    "prefix_cache",
+    "expand_cache",
     "active_positions",
 ]
 
@@ -77,8 +79,12 @@ class LayerCalls:
 
 
 @torch.no_grad()
-def layer_calls(model: nn.Module, arch: Architecture, input_ids: Tensor, attention_mask: Tensor) -> LayerCalls:
+def layer_calls(
+    model: nn.Module, arch: Architecture, input_ids: Tensor, attention_mask: Tensor, cache=None
+) -> LayerCalls:
+    """Record what every block receives for these inputs (after the tokens already in ``cache``)."""
     layers = submodule(model, arch.layers)
+    decoder = submodule(model, arch.decoder)
     seen: list[tuple[Tensor, tuple, dict]] = []
 
     def identity(hidden_states, *args, **kwargs):
@@ -87,12 +93,33 @@ def layer_calls(model: nn.Module, arch: Architecture, input_ids: Tensor, attenti
 
     for layer in layers:
         layer.forward = identity
+    extra = {} if cache is None else {cache_kwarg(decoder): cache, "use_cache": True}
     try:
-        submodule(model, arch.decoder)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        decoder(input_ids=input_ids, attention_mask=attention_mask, **({"use_cache": False} | extra))
     finally:
         for layer in layers:
             del layer.forward
     return LayerCalls(seen[0][0], [(args, kwargs) for _, args, kwargs in seen])
+
+
+@torch.no_grad()
+def prefix_cache(model: nn.Module, prefix: list[int]):
+    """The KV cache of a token prefix shared by a batch (computed once, batch size 1)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if prefix:
+        device = next(model.parameters()).device
+        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
+    return cache
+
+
+def expand_cache(cache, batch: int):
+    """A fresh copy of a batch-1 cache repeated ``batch`` times (blocks append to it as they run)."""
+    out = copy.deepcopy(cache)
+    if cache.get_seq_length() > 0:
+        out.batch_repeat_interleave(batch)
+    return out
 
 
 def run_block(block: Block, hidden: Tensor, call: tuple[tuple, dict]) -> Tensor:
@@ -160,14 +187,9 @@ def greedy(
 
     Each continuation stops after an EOS token (kept) or ``max_new_tokens`` tokens.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     kw = cache_kwarg(model)
-    base = None
-    if prefix:
-        base = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{kw: base})
+    base = prefix_cache(model, prefix)
     results: list[list[int]] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
@@ -180,12 +202,7 @@ def greedy(
         ids, qmask = ids.to(device), qmask.to(device)
         mask = torch.cat([torch.ones((b, lp), dtype=torch.long, device=device), qmask], 1)
         pos = lp + (qmask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        if base is not None:
-            cache = copy.deepcopy(base)
-            cache.batch_repeat_interleave(b)
-        else:
-            cache = DynamicCache(config=model.config)
+        cache = expand_cache(base, b)
         out_tokens = torch.zeros((b, 0), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):

@@ -15,6 +15,7 @@ plus one prompt-free pass whose query positions are overwritten with the prompte
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import Architecture, architecture_for
-from .engine import Block, blocks, eos_ids, greedy, hooks, layer_calls, matvec, pad_right, run_block
+from .engine import (
+    Block,
+    blocks,
+    eos_ids,
+    expand_cache,
+    greedy,
+    hooks,
+    layer_calls,
+    matvec,
+    pad_right,
+    prefix_cache,
+    run_block,
+)
 from .prompts import TokenPairs
 
 __all__ = ["Updates", "extract", "check", "teacher_answers", "detect_sinks"]
@@ -81,41 +94,38 @@ def extract(
     sink_factor: float = 10.0,
     progress: Callable[[int], None] | None = None,
 ) -> Updates:
-    """Exact implicit updates for every query token of every block."""
+    """Exact implicit updates for every query token of every block.
+
+    Each prefix (with and without the prompt) is computed once and shared by all queries through a KV
+    cache; per block, the prompted run advances the query states and the prompt-free attention reads the
+    same states against the prompt-free prefix (its MLP is never run).
+    """
     arch = architecture_for(model)
     blks = blocks(model, arch)
     device = next(model.parameters()).device
-    pad = 0
+    cache_c, cache_0 = prefix_cache(model, pairs.prefix_prompted), prefix_cache(model, pairs.prefix_free)
     lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     out: dict[str, list[list[Tensor]]] = {k: [[] for _ in blks] for k in ("delta", "a", "u", "rc", "r0")}
     probe, position, embed = [], [], []
     for idx in _batches(len(pairs.queries), batch_size):
-        ids_c, mask_c = pad_right([pairs.prompted(i) for i in idx], pad, device)
-        ids_0, mask_0 = pad_right([pairs.free(i) for i in idx], pad, device)
-        width = max(len(pairs.queries[i]) for i in idx)
-        valid = torch.zeros((len(idx), width), dtype=torch.bool, device=device)
-        for j, i in enumerate(idx):
-            valid[j, : len(pairs.queries[i])] = True
+        ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
+        valid = valid.bool()
+        for i in idx:
             probe.append(torch.full((len(pairs.queries[i]),), i))
             position.append(torch.arange(len(pairs.queries[i])))
-        calls_c = layer_calls(model, arch, ids_c, mask_c)
-        calls_0 = layer_calls(model, arch, ids_0, mask_0)
-        h_c, h_0 = calls_c.hidden, calls_0.hidden
-        embed.append((_query_view(h_c, lc, width) - _query_view(h_0, l0, width))[valid])
+        calls_c = layer_calls(model, arch, ids, _with_prefix(valid, lc), expand_cache(cache_c, len(idx)))
+        calls_0 = layer_calls(model, arch, ids, _with_prefix(valid, l0), expand_cache(cache_0, len(idx)))
+        h = calls_c.hidden
+        embed.append((calls_c.hidden - calls_0.hidden)[valid])
         for blk in blks:
-            tap_c = _tap(blk)
+            tap_c, tap_0 = _Tap(blk), _Tap(blk, stop=True)
+            with hooks(tap_0.specs), contextlib.suppress(_Stop):  # prompt-free attention, prompted states
+                run_block(blk, h, calls_0.calls[blk.index])
             with hooks(tap_c.specs):
-                next_c = run_block(blk, h_c, calls_c.calls[blk.index])
-            h_0 = h_0.clone()
-            h_0[:, l0 : l0 + width] = _query_view(h_c, lc, width)
-            tap_0 = _tap(blk)
-            with hooks(tap_0.specs):
-                next_0 = run_block(blk, h_0, calls_0.calls[blk.index])
-            r_c, z_c = (_query_view(tap_c.seen[k], lc, width)[valid] for k in ("r", "z"))
-            r_0, z_0 = (_query_view(tap_0.seen[k], l0, width)[valid] for k in ("r", "z"))
+                h = run_block(blk, h, calls_c.calls[blk.index])
+            r_c, z_c, r_0, z_0 = (tap.seen[k][valid] for tap in (tap_c, tap_0) for k in ("r", "z"))
             for key, val in (("delta", r_c - r_0), ("a", z_0), ("u", z_c - z_0), ("rc", r_c), ("r0", r_0)):
                 out[key][blk.index].append(val)
-            h_c, h_0 = next_c, next_0
         if progress:
             progress(len(idx))
     cat = {k: [torch.cat(v) for v in vals] for k, vals in out.items()}
@@ -138,14 +148,25 @@ def extract(
     )
 
 
-class _tap:
+def _with_prefix(valid: Tensor, n: int) -> Tensor:
+    """The attention mask of ``n`` cached prefix tokens followed by right-padded queries."""
+    return torch.cat([torch.ones((valid.shape[0], n), dtype=torch.long, device=valid.device), valid.long()], 1)
+
+
+class _Stop(Exception):
+    """Raised by a tap to end a block early once what it needs has been seen."""
+
+
+class _Tap:
     """Records the mid-residual ``r`` (input of the MLP norm) and the MLP input ``z`` (its output)."""
 
-    def __init__(self, blk: Block):
+    def __init__(self, blk: Block, stop: bool = False):
         self.seen: dict[str, Tensor] = {}
 
         def grab(module, args, output):
             self.seen["r"], self.seen["z"] = args[0], output
+            if stop:
+                raise _Stop
 
         self.specs = [(blk.mlp_norm, "fwd", grab)]
 

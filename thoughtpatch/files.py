@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .errors import UsageError
 
@@ -58,10 +57,35 @@ def read_bytes(path: str | Path, what: str) -> bytes:
     return p.read_bytes()
 
 
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Serialise to safetensors bytes, keys sorted so that the same inputs give the same bytes."""
-    ordered = {k: tensors[k].detach().contiguous().cpu() for k in sorted(tensors)}
-    return st_save(ordered, metadata={k: metadata[k] for k in sorted(metadata)})
+    """Serialise to safetensors bytes, deterministically: same inputs, same bytes.
+
+    Tensors are laid out in name order and the JSON header has sorted keys (the safetensors library
+    itself orders metadata by hash, which differs from run to run).
+    """
+    header: dict[str, object] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
 def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
