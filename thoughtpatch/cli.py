@@ -49,6 +49,27 @@ Chat = Annotated[
     typer.Option("--chat/--no-chat", help="Use the chat template (default: when the tokenizer has one)."),
 ]
 BatchSize = Annotated[int, typer.Option(help="Queries per forward pass.")]
+AnswerTokens = Annotated[int, typer.Option(help="Tokens of the prompted model's own greedy answer, teacher-forced.")]
+StorePrompt = Annotated[
+    bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output's metadata.")
+]
+Output = Annotated[str, typer.Option("--output", "-o", help="File to write (- for stdout).")]
+# Condensation options, shared by condense and transmute (None: the mode's default).
+Mode = Annotated[str, typer.Option(help="Preset: best (default), bakeable or compact; options below override it.")]
+Attn = Annotated[str | None, typer.Option(help="Per-head map of the attention output: full, scalar or none.")]
+AttnQuery = Annotated[
+    bool | None, typer.Option("--attn-query/--no-attn-query", help="Query-dependent attention term (in memory only).")
+]
+Vector = Annotated[bool | None, typer.Option("--vector/--no-vector", help="Fit the thought vector.")]
+Matrix = Annotated[bool | None, typer.Option("--matrix/--no-matrix", help="Fit the thought matrix.")]
+Placement = Annotated[str | None, typer.Option(help="Where the vector acts: skip (after the MLP) or attn_out.")]
+Rank = Annotated[int | None, typer.Option(help="Rank of the thought matrices (default: full).")]
+Ridge = Annotated[float | None, typer.Option(help="Matrix ridge, relative to the mean MLP-input energy.")]
+AttnRidge = Annotated[float | None, typer.Option(help="Attention-map ridge, relative.")]
+Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
+Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
+Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
+Skip = Annotated[int | None, typer.Option(help="Leading tokens left unpatched (default: those both runs share).")]
 
 
 @app.callback()
@@ -178,6 +199,310 @@ def _print_extract(s: dict, to_stderr: bool) -> None:
     if s.get("output"):
         table.add_row("output", s["output"])
     (err if to_stderr else Console(highlight=False)).print(table)
+
+
+def _layers(spec: str | None) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise UsageError(f"--layers {spec!r}: expected block numbers like 0-11,15") from None
+    return tuple(sorted(set(out)))
+
+
+def _config(mode: str, **options):
+    """A condensation config: the mode's preset, with every option the user gave overriding it."""
+    from dataclasses import replace
+
+    from .constants import PRESETS
+
+    if mode not in PRESETS:
+        raise UsageError(f"--mode must be one of {', '.join(PRESETS)}, not {mode!r}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if "layers" in given:
+        given["layers"] = _layers(given["layers"])
+    cfg = replace(PRESETS[mode], **given)
+    cfg.validate()
+    return cfg
+
+
+def _write_patch(patch, output: str) -> None:
+    from .files import write_bytes
+    from .patch import patch_to_bytes
+
+    write_bytes(output, patch_to_bytes(patch))
+
+
+def _patch_summary(patch, seconds: dict, output: str) -> dict:
+    return {
+        "output": output,
+        "parameters": patch.numel(),
+        "share_of_model": patch.numel() / max(1, int(patch.meta.get("model_parameters", "0") or 1)),
+        "layers": sorted(patch.layers),
+        "bakeable": patch.bakeable,
+        "method": {k.removeprefix("method."): v for k, v in patch.meta.items() if k.startswith("method.")},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _report(doc: dict, json_out: bool, output: str | None, title: str) -> None:
+    if json_out:
+        _emit_json(doc)
+        return
+    table = Table(title=title, show_header=False)
+    for k, v in doc.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict | list) else str(v))
+    (err if output == "-" else Console(highlight=False)).print(table)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch condense updates.safetensors -o patch.safetensors\n\n"
+    "  thoughtpatch extract p.txt -o - | thoughtpatch condense - -o patch.safetensors --rank 8"
+)
+def condense(
+    updates_file: Annotated[str, typer.Argument(help="Updates file from extract (- for stdin).")],
+    output: Output = "-",
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model folder (default: the one named in the updates file).")
+    ] = None,
+    mode: Mode = "best",
+    attn: Attn = None,
+    attn_query: AttnQuery = None,
+    vector: Vector = None,
+    matrix: Matrix = None,
+    placement: Placement = None,
+    rank: Rank = None,
+    ridge: Ridge = None,
+    attn_ridge: AttnRidge = None,
+    strength: Strength = None,
+    layers: Layers = None,
+    construction: Construction = None,
+    skip: Skip = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Condense implicit updates into a token-independent patch (thought vectors, matrices, attention maps)."""
+    from .files import read_bytes
+    from .formats import check_fingerprint, updates_from_bytes
+    from .pipeline import run_condense
+
+    _setup(quiet)
+    cfg = _config(
+        mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
+        ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
+    )  # fmt: skip
+    updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
+    lm = _load(model or umeta.get("base_model"), dtype, device)
+    check_fingerprint(umeta, lm.model.config, f"updates file {updates_file}")
+    cfg.validate(lm.model.config.num_hidden_layers)
+    with progress("condense", lm.model.config.num_hidden_layers) as step:
+        patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
+    _write_patch(patch, output)
+    _report(_patch_summary(patch, seconds, output), json_out, output, "patch")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch transmute examples/french.txt -o french.safetensors\n\n"
+    "  thoughtpatch transmute prompt.json --model ./my-model --probes probes.txt --bakeable -o patch.safetensors"
+)
+def transmute(
+    prompt_file: Annotated[
+        str, typer.Argument(help="Prompt file: plain text, or JSON {system, examples}; - for stdin.")
+    ],
+    output: Output = "-",
+    model: Model = None,
+    probes: Probes = None,
+    answer_tokens: AnswerTokens = 8,
+    mode: Mode = "best",
+    bakeable: Annotated[bool, typer.Option("--bakeable", help="Same as --mode bakeable.")] = False,
+    compact: Annotated[bool, typer.Option("--compact", help="Same as --mode compact.")] = False,
+    attn: Attn = None,
+    attn_query: AttnQuery = None,
+    vector: Vector = None,
+    matrix: Matrix = None,
+    placement: Placement = None,
+    rank: Rank = None,
+    ridge: Ridge = None,
+    attn_ridge: AttnRidge = None,
+    strength: Strength = None,
+    layers: Layers = None,
+    skip: Skip = None,
+    chat: Chat = None,
+    batch_size: BatchSize = 16,
+    store_prompt: StorePrompt = True,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Turn a prompt into a patch in one step (extract + condense): the path most users take."""
+    from .pipeline import run_transmute
+    from .prompts import load_probes, load_prompt
+
+    _setup(quiet)
+    if bakeable and compact:
+        raise UsageError("--bakeable and --compact are different modes; pick one")
+    mode = "bakeable" if bakeable else "compact" if compact else mode
+    cfg = _config(
+        mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
+        ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
+    )  # fmt: skip
+    if answer_tokens < 0:
+        raise UsageError("--answer-tokens must be >= 0")
+    prompt = load_prompt(prompt_file)
+    queries = load_probes(probes)
+    lm = _load(model, dtype, device)
+    cfg.validate(lm.model.config.num_hidden_layers)
+    with progress("transmute", lm.model.config.num_hidden_layers) as step:
+        patch, seconds = run_transmute(
+            lm,
+            prompt,
+            queries,
+            cfg,
+            answer_tokens=answer_tokens,
+            chat=chat,
+            store_prompt=store_prompt,
+            log=log,
+            progress=step,
+        )
+    patch.meta["method.mode"] = mode
+    _write_patch(patch, output)
+    _report(_patch_summary(patch, seconds, output), json_out, output, "patch")
+
+
+def _read_patch(path: str):
+    from .files import read_bytes
+    from .patch import patch_from_bytes
+
+    return patch_from_bytes(read_bytes(path, "patch"), f"patch {path}")
+
+
+@app.command(epilog="Example:\n\n  thoughtpatch inspect french.safetensors --json")
+def inspect(
+    patch_file: Annotated[str, typer.Argument(help="Patch file (- for stdin).")],
+    json_out: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show a patch's metadata and, per block, the norms and ranks of its parts."""
+    from .patch import describe_patch
+
+    doc = describe_patch(_read_patch(patch_file))
+    if json_out:
+        _emit_json(doc)
+        return
+    out = Console(highlight=False)
+    meta = Table(title="metadata", show_header=False)
+    for k, v in doc["metadata"].items():
+        meta.add_row(k, v if len(v) < 200 else v[:197] + "...")
+    out.print(meta)
+    if doc["layers"]:
+        cols = sorted({k for row in doc["layers"] for k in row})
+        table = Table(title="per block")
+        for c in cols:
+            table.add_column(c)
+        for row in doc["layers"]:
+            table.add_row(*(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols))
+        out.print(table)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    '  thoughtpatch apply french.safetensors --prompt "Where is the station?"\n\n'
+    '  thoughtpatch merge a.safetensors b.safetensors -o - | thoughtpatch apply - --prompt "Hi"'
+)
+def apply(
+    patch_file: Annotated[str, typer.Argument(help="Patch file (- for stdin).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message; repeat for a batch.")] = None,
+    model: Model = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    scale: Annotated[float, typer.Option(help="Multiply the patch by this.")] = 1.0,
+    chat: Chat = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Generate with a patch installed (greedy), the chat template applied as for any user turn."""
+    from .pipeline import run_generate
+
+    _setup(quiet)
+    if not prompt:
+        raise UsageError("give at least one --prompt")
+    if max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
+    patch = _read_patch(patch_file)
+    lm = _load(model or patch.meta.get("base_model"), dtype, device)
+    from .formats import check_fingerprint
+
+    check_fingerprint(patch.meta, lm.model.config, f"patch {patch_file}")
+    answers = run_generate(lm, patch, prompt, max_new_tokens=max_new_tokens, scale=scale, chat=chat)
+    if json_out:
+        _emit_json({"answers": [{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]})
+    else:
+        sys.stdout.write("\n".join(answers) + "\n")
+
+
+@app.command(
+    "eval",
+    epilog="Example:\n\n"
+    "  thoughtpatch eval french.safetensors --prompt-file examples/french.txt --queries held_out.txt --json",
+)
+def eval_(
+    patch_file: Annotated[str, typer.Argument(help="Patch file (- for stdin).")],
+    prompt_file: Annotated[str, typer.Option("--prompt-file", help="The prompt the patch stands in for.")],
+    queries: Annotated[str, typer.Option(help="Held-out queries (never used for fitting), one per line or JSONL.")],
+    model: Model = None,
+    probes: Annotated[
+        str | None, typer.Option(help="Fit queries for tuning the CAA baseline (default: built-in probes).")
+    ] = None,
+    answer_tokens: AnswerTokens = 8,
+    caa: Annotated[bool, typer.Option("--caa/--no-caa", help="Tune and score the CAA baseline.")] = True,
+    chat: Chat = None,
+    batch_size: BatchSize = 16,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Measure how closely the patched model without the prompt matches the model with it."""
+    from .formats import check_fingerprint
+    from .pipeline import run_eval
+    from .prompts import load_probes, load_prompt
+
+    _setup(quiet)
+    if answer_tokens < 1:
+        raise UsageError("--answer-tokens must be >= 1")
+    patch = _read_patch(patch_file)
+    prompt = load_prompt(prompt_file)
+    held = load_probes(queries)
+    fit = load_probes(probes) if probes else None
+    lm = _load(model or patch.meta.get("base_model"), dtype, device)
+    check_fingerprint(patch.meta, lm.model.config, f"patch {patch_file}")
+    report = run_eval(
+        lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
+        batch_size=batch_size, log=log,
+    )  # fmt: skip
+    if json_out:
+        _emit_json(report)
+        return
+    table = Table(title=f"fidelity on {report['queries']} held-out queries ({report['answer_tokens']} answer tokens)")
+    for c in ("method", "KL (nats)", "top-1", "exact", "parameters"):
+        table.add_column(c)
+    for name, r in report["methods"].items():
+        table.add_row(name, f"{r['kl']:.4f}", f"{r['top1']:.3f}", f"{r['exact']:.3f}", str(r["parameters"]))
+    Console(highlight=False).print(table)
 
 
 def main() -> None:

@@ -28,9 +28,11 @@ __all__ = [
     "hooks",
     "matvec",
     "pad_right",
+    "pad_after_prefix",
     "greedy",
     "prefix_cache",
     "expand_cache",
+    "prefix_view",
     "active_positions",
 ]
 
@@ -41,6 +43,7 @@ class Block:
 
     index: int
     layer: nn.Module
+    input_norm: nn.Module
     attn_out: nn.Module
     branch: nn.Module
     mlp_norm: nn.Module
@@ -54,6 +57,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
         Block(
             i,
             layer,
+            submodule(layer, arch.input_norm),
             submodule(layer, arch.attn_out),
             submodule(layer, arch.branch),
             submodule(layer, arch.mlp_norm),
@@ -114,6 +118,28 @@ def prefix_cache(model: nn.Module, prefix: list[int]):
     return cache
 
 
+def prefix_view(cache):
+    """A read-only view of a batch-1 prefix cache: blocks read the prefix (for any batch), store nothing.
+
+    Layer calls recorded with it can be replayed any number of times, in any order.
+    """
+    from transformers import DynamicCache
+
+    class _FrozenPrefix(DynamicCache):
+        def __init__(self):  # share the prefix's layers; never mutate them
+            self.__dict__.update(cache.__dict__)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            if not getattr(layer, "is_initialized", False) or layer.keys.numel() == 0:
+                return key_states, value_states
+            b = key_states.shape[0]
+            keys = torch.cat([layer.keys.expand(b, -1, -1, -1), key_states], -2)
+            return keys, torch.cat([layer.values.expand(b, -1, -1, -1), value_states], -2)
+
+    return _FrozenPrefix()
+
+
 def expand_cache(cache, batch: int):
     """A fresh copy of a batch-1 cache repeated ``batch`` times (blocks append to it as they run)."""
     out = copy.deepcopy(cache)
@@ -156,6 +182,22 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, 
     return ids.to(device), mask.to(device)
 
 
+def pad_after_prefix(seqs: list[list[int]], prefix_len: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sequences that follow a cached prefix, padded on the left of each (so they all end together).
+
+    Returns ids (B, T), the attention mask over prefix and sequences (B, prefix_len + T) and position ids.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    qmask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        qmask[i, width - len(s) :] = 1
+    ids, qmask = ids.to(device), qmask.to(device)
+    mask = torch.cat([torch.ones((len(seqs), prefix_len), dtype=torch.long, device=device), qmask], 1)
+    return ids, mask, prefix_len + (qmask.cumsum(-1) - 1).clamp(min=0)
+
+
 def active_positions(attention_mask: Tensor | None, shape: tuple[int, int], past: int, skip: int) -> Tensor:
     """(B, T) bool: positions at or beyond ``skip`` real tokens into their sequence.
 
@@ -193,20 +235,15 @@ def greedy(
     results: list[list[int]] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
-        b, width, lp = len(chunk), max(len(q) for q in chunk), len(prefix)
-        ids = torch.zeros((b, width), dtype=torch.long)
-        qmask = torch.zeros((b, width), dtype=torch.long)
-        for i, q in enumerate(chunk):  # pad on the left of each query, after the shared prefix
-            ids[i, width - len(q) :] = torch.tensor(q)
-            qmask[i, width - len(q) :] = 1
-        ids, qmask = ids.to(device), qmask.to(device)
-        mask = torch.cat([torch.ones((b, lp), dtype=torch.long, device=device), qmask], 1)
-        pos = lp + (qmask.cumsum(-1) - 1).clamp(min=0)
+        b, lp = len(chunk), len(prefix)
+        ids, mask, pos = pad_after_prefix(chunk, lp, device)
         cache = expand_cache(base, b)
         out_tokens = torch.zeros((b, 0), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache}
+            )
             nxt = logits.logits[:, -1].argmax(-1)
             out_tokens = torch.cat([out_tokens, nxt[:, None]], 1)
             done |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))

@@ -27,13 +27,13 @@ from .engine import (
     Block,
     blocks,
     eos_ids,
-    expand_cache,
     greedy,
     hooks,
     layer_calls,
     matvec,
     pad_right,
     prefix_cache,
+    prefix_view,
     run_block,
 )
 from .prompts import TokenPairs
@@ -113,8 +113,8 @@ def extract(
         for i in idx:
             probe.append(torch.full((len(pairs.queries[i]),), i))
             position.append(torch.arange(len(pairs.queries[i])))
-        calls_c = layer_calls(model, arch, ids, _with_prefix(valid, lc), expand_cache(cache_c, len(idx)))
-        calls_0 = layer_calls(model, arch, ids, _with_prefix(valid, l0), expand_cache(cache_0, len(idx)))
+        calls_c = layer_calls(model, arch, ids, _with_prefix(valid, lc), prefix_view(cache_c))
+        calls_0 = layer_calls(model, arch, ids, _with_prefix(valid, l0), prefix_view(cache_0))
         h = calls_c.hidden
         embed.append((calls_c.hidden - calls_0.hidden)[valid])
         for blk in blks:

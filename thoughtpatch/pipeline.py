@@ -15,9 +15,18 @@ import torch
 from .extract import Updates, check, extract, teacher_answers
 from .formats import fingerprint
 from .models import LoadedModel
-from .prompts import Prompt, align, sha256_text
+from .prompts import Prompt, align, default_probes, sha256_text
 
-__all__ = ["ExtractResult", "run_extract", "provenance"]
+__all__ = [
+    "ExtractResult",
+    "run_extract",
+    "run_transmute",
+    "run_condense",
+    "run_eval",
+    "run_generate",
+    "provenance",
+    "fit_pairs",
+]
 
 
 def provenance(lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt: bool = True) -> dict[str, str]:
@@ -96,3 +105,124 @@ def run_extract(
             result.max_logit_error = check(lm.model, updates, batch_size=batch_size)
         seconds["check"] = time.perf_counter() - t
     return result
+
+
+# ------------------------------------------------------------------------------------------ condensation
+def _patch_meta(patch, lm: LoadedModel, provenance_meta: dict[str, str], n_tokens: int, seconds: float) -> None:
+    patch.meta.update(provenance_meta)
+    patch.meta.update(
+        {
+            "probe_tokens": str(n_tokens),
+            "base_model": lm.model_id,
+            "base_model_revision": lm.revision or "",
+            "fingerprint": json.dumps(fingerprint(lm.model.config), sort_keys=True),
+            "model_parameters": str(sum(p.numel() for p in lm.model.parameters())),
+        }
+    )
+    del seconds  # build time is reported, never stored: same inputs give the same bytes
+
+
+def fit_pairs(
+    lm: LoadedModel, prompt: Prompt, queries: list[str], answer_tokens: int, chat: bool | None, batch_size: int
+):
+    """Aligned fit queries carrying the prompted model's own answers (teacher-forced)."""
+    pairs = align(lm.tokenizer, prompt, queries, chat)
+    return teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
+
+
+def run_transmute(
+    lm: LoadedModel,
+    prompt: Prompt,
+    queries: list[str],
+    cfg,
+    *,
+    answer_tokens: int = 8,
+    chat: bool | None = None,
+    store_prompt: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+    progress: Callable[[int], None] | None = None,
+):
+    """Extract and condense in one step: prompt in, patch out (with the seconds each stage took)."""
+    from .condense import condense
+
+    t0 = time.perf_counter()
+    pairs = fit_pairs(lm, prompt, queries, answer_tokens, chat, cfg.batch_size)
+    t1 = time.perf_counter()
+    log(f"{len(queries)} probes, {sum(len(q) for q in pairs.queries)} query tokens; condensing {cfg.construction}")
+    patch = condense(lm.model, pairs, cfg, progress=progress)
+    t2 = time.perf_counter()
+    meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
+    _patch_meta(patch, lm, meta, sum(len(q) for q in pairs.queries), t2 - t0)
+    return patch, {"answers": t1 - t0, "condense": t2 - t1, "total": t2 - t0}
+
+
+def run_condense(lm: LoadedModel, updates: Updates, umeta: dict[str, str], cfg, progress=None):
+    """Condense an updates file: parallel from its statistics, sequential by re-running the model."""
+    from .condense import condense, condense_updates
+
+    t0 = time.perf_counter()
+    if cfg.construction == "parallel":
+        patch = condense_updates(updates, cfg)
+    else:
+        patch = condense(lm.model, updates.pairs, cfg, progress=progress)
+    keep = {
+        k: v
+        for k, v in umeta.items()
+        if k in ("prompt_sha256", "prompt", "probes_sha256", "answer_tokens", "compute_dtype")
+    }
+    _patch_meta(patch, lm, keep, updates.n_tokens, time.perf_counter() - t0)
+    return patch, {"condense": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def run_eval(
+    lm: LoadedModel,
+    prompt: Prompt,
+    queries: list[str],
+    patches: dict[str, object],
+    *,
+    fit_queries: list[str] | None = None,
+    answer_tokens: int = 8,
+    chat: bool | None = None,
+    caa: bool = True,
+    batch_size: int = 16,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Fidelity of each patch on held-out queries, beside the ``none`` and tuned ``caa`` baselines."""
+    from .evaluate import evaluate, targets_for, tune_caa
+
+    t = time.perf_counter()
+    held = targets_for(
+        lm.model, lm.tokenizer, align(lm.tokenizer, prompt, queries, chat), answer_tokens, max(batch_size, 32)
+    )
+    methods: dict[str, object] = dict(patches) | {"none": None}
+    report: dict = {"queries": len(queries), "answer_tokens": answer_tokens, "prompt_sha256": prompt.sha256}
+    if caa:
+        fit_q = fit_queries if fit_queries is not None else default_probes()
+        fit = fit_pairs(lm, prompt, fit_q, answer_tokens, chat, batch_size)
+        log(f"tuning the CAA baseline on {len(fit_q)} fit queries")
+        methods["caa"], report["caa"] = tune_caa(lm.model, fit, batch_size=batch_size)
+    log(f"scoring {len(methods)} methods on {len(queries)} held-out queries")
+    report["methods"] = evaluate(lm.model, held, methods, batch_size)
+    report["seconds"] = time.perf_counter() - t
+    return report
+
+
+def run_generate(
+    lm: LoadedModel,
+    patch,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    scale: float = 1.0,
+    chat: bool | None = None,
+) -> list[str]:
+    """Greedy answers to user messages with the patch installed (no prompt: the template's default)."""
+    from .apply import installed
+    from .engine import eos_ids, greedy
+    from .prompts import free_ids
+
+    ids = [free_ids(lm.tokenizer, p, chat) for p in prompts]
+    with installed(lm.model, patch, scale=scale):
+        out = greedy(lm.model, [], ids, max_new_tokens, eos_ids(lm.model, lm.tokenizer))
+    return [lm.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

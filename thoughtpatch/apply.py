@@ -1,0 +1,131 @@
+"""Install patches in memory with forward hooks, and remove them again, leaving the model bit-for-bit as it was.
+
+>>> with installed(model, patch):          # doctest: +SKIP
+...     model.generate(**inputs)
+
+Hooks act at every position except the first ``patch.skip`` tokens of each sequence (left padding and the
+KV cache are accounted for through the attention mask, position ids or the cache length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import architecture_for
+from .engine import Block, active_positions, blocks, hooks
+from .patch import LayerPatch, Patch, validate_for
+
+__all__ = ["installed", "Positions", "head_shape"]
+
+
+def head_shape(model: nn.Module) -> tuple[int, int]:
+    """(number of attention heads, head size) of a model."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
+class Positions:
+    """Which positions the patch acts on in the current forward call: a (B, T, 1) 0/1 mask or None (all)."""
+
+    def __init__(self, skip: int):
+        self.skip = skip
+        self.mask: Tensor | None = None
+
+    def from_call(self, module, args, kwargs):
+        if self.skip <= 0:
+            self.mask = None
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        b, t = ids.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        pos = kwargs.get("position_ids")
+        if (mask is None or mask.dim() != 2) and pos is not None:
+            active = pos.expand(b, t) >= self.skip
+        else:
+            active = active_positions(mask, (b, t), past, self.skip)
+        self.mask = active.to(ids.device)[..., None]
+
+    def set(self, active: Tensor | None) -> None:
+        """Set the mask by hand (for code that steps through blocks without calling the model)."""
+        self.mask = None if active is None else active[..., None]
+
+    def gate(self, update: Tensor) -> Tensor:
+        return update if self.mask is None else update * self.mask.to(update.dtype)
+
+
+def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, heads: int, head_dim: int):
+    specs = []
+    seen: dict[str, Tensor] = {}
+    if lp.attn_weight is not None or lp.attn_bias is not None or lp.attn_query is not None:
+        if lp.attn_query is not None:
+            specs.append((blk.input_norm, "fwd", lambda m, a, out: seen.__setitem__("x", out)))
+
+        def attn(module, args):
+            o = args[0]
+            delta = torch.zeros_like(o)
+            if lp.attn_weight is not None:
+                w = lp.attn_weight.to(o.dtype)
+                oh = o.unflatten(-1, (heads, head_dim))
+                d = oh * w[:, None] if w.dim() == 1 else torch.einsum("...hi,hji->...hj", oh, w)
+                delta = delta + d.flatten(-2)
+            if lp.attn_bias is not None:
+                delta = delta + lp.attn_bias.to(o.dtype)
+            if lp.attn_query is not None:
+                delta = delta + seen.pop("x") @ lp.attn_query.to(o.dtype).T
+            return (o + pos.gate(delta), *args[1:])
+
+        specs.append((blk.attn_out, "pre", attn))
+    if lp.vector is not None:
+
+        def add_vector(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h + pos.gate(lp.vector.to(h.dtype).expand_as(h))
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        specs.append((blk.layer if placement == "skip" else blk.branch, "fwd", add_vector))
+    if lp.matrix_a is not None:
+
+        def matrix(module, args, z):
+            return z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T)
+
+        specs.append((blk.mlp_norm, "fwd", matrix))
+    return specs
+
+
+def layer_hook_specs(model: nn.Module, patch: Patch, pos: Positions, only: set[int] | None = None):
+    """The hooks that realise ``patch`` (optionally only at some blocks), gated by ``pos``."""
+    heads, head_dim = head_shape(model)
+    blks = blocks(model, architecture_for(model))
+    specs = []
+    for i, lp in sorted(patch.layers.items()):
+        if only is None or i in only:
+            specs += _layer_hooks(blks[i], lp, patch.placement, pos, heads, head_dim)
+    return specs
+
+
+@contextmanager
+def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0) -> Iterator[list[Positions]]:
+    """Install one or more patches (times ``scale``) for the duration of the ``with`` block."""
+    patches = [patches] if isinstance(patches, Patch) else list(patches)
+    cfg = model.config
+    heads, head_dim = head_shape(model)
+    with ExitStack() as stack:
+        states = []
+        for patch in patches:
+            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim)
+            p = patch.scaled(scale) if scale != 1.0 else patch
+            pos = Positions(p.skip)
+            handle = model.register_forward_pre_hook(pos.from_call, with_kwargs=True)
+            stack.callback(handle.remove)
+            stack.enter_context(hooks(layer_hook_specs(model, p, pos)))
+            states.append(pos)
+        yield states

@@ -1,0 +1,397 @@
+"""Condense the context effect into token-independent parts (DESIGN.md section 2).
+
+Per block, fitted by ridge least squares over the query tokens of many probes (sink positions left out):
+
+* per-head affine map of the attention output ``o_c,h ~ o_0,h + W_h o_0,h + b_h (+ Q_h x)``, fitted first;
+* thought vector ``v = mean_t delta_t``;
+* thought matrix ``M = (sum u a^T)(sum a a^T + lam I)^-1`` on the MLP input, truncated to rank k by SVD.
+
+The statistics are additive (:class:`Affine`, :class:`MatrixStats`): shards of probes can be reduced apart.
+The sequential construction fits block ``l`` with blocks ``0..l-1`` already patched, so later blocks
+correct the errors of earlier ones; the parallel one fits every block from the exact chain (the updates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .apply import Positions, head_shape, layer_hook_specs
+from .architectures import architecture_for
+from .engine import Block, blocks, hooks, layer_calls, pad_right, prefix_cache, prefix_view, run_block
+from .errors import UsageError
+from .extract import Updates, detect_sinks
+from .patch import LayerPatch, Patch
+from .prompts import TokenPairs
+
+__all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
+
+ATTN_MODES = ("none", "scalar", "full")
+
+
+@dataclass(frozen=True)
+class CondenseConfig:
+    """How to condense; every choice is recorded in the patch metadata."""
+
+    attn: str = "full"  # per-head map of the attention output: none | scalar | full
+    attn_query: bool = False  # add the query-dependent term (runs in memory only)
+    vector: bool = True
+    matrix: bool = True
+    placement: str = "skip"  # skip | attn_out
+    rank: int | None = None  # None: full rank
+    ridge: float = 3.0  # matrix ridge, relative: lam = ridge * trace(sum a a^T) / d
+    attn_ridge: float = 0.1  # head-map ridge, relative to the mean feature energy per dimension
+    strength: float = 1.0
+    layers: tuple[int, ...] | None = None  # None: all blocks
+    construction: str = "sequential"  # sequential | parallel
+    skip: int | None = None  # leading tokens left unpatched; None: those both runs share
+    sink_factor: float = 10.0
+    batch_size: int = 16
+
+    def validate(self, n_layers: int | None = None) -> None:
+        if self.attn not in ATTN_MODES:
+            raise UsageError(f"--attn must be one of {ATTN_MODES}, not {self.attn!r}")
+        if self.placement not in ("skip", "attn_out"):
+            raise UsageError(f"--placement must be skip or attn_out, not {self.placement!r}")
+        if self.construction not in ("sequential", "parallel"):
+            raise UsageError(f"--construction must be sequential or parallel, not {self.construction!r}")
+        if self.rank is not None and self.rank <= 0:
+            raise UsageError(f"--rank must be a positive integer, not {self.rank}")
+        if self.ridge < 0 or self.attn_ridge < 0:
+            raise UsageError("--ridge and --attn-ridge must be >= 0")
+        if not (self.vector or self.matrix or self.attn != "none"):
+            raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
+        if self.attn_query and self.attn == "none":
+            raise UsageError("the query-dependent attention term needs --attn scalar or full")
+        if n_layers is not None and self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layers]
+            if bad:
+                raise UsageError(f"--layers {bad[0]} is out of range: the model has blocks 0..{n_layers - 1}")
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "construction": self.construction,
+            "attn": self.attn,
+            "attn_query": str(self.attn_query).lower(),
+            "vector": str(self.vector).lower(),
+            "matrix": str(self.matrix).lower(),
+            "rank": "full" if self.rank is None else str(self.rank),
+            "ridge": repr(self.ridge),
+            "attn_ridge": repr(self.attn_ridge),
+            "strength": repr(self.strength),
+            "sink_factor": repr(self.sink_factor),
+        }
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def ridge_solve(s: Tensor, c: Tensor, lam: Tensor | float) -> Tensor:
+    """``C (S + lam I)^-1`` for symmetric PSD ``S`` (batched); the pseudo-inverse where ``lam == 0``."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    lam = torch.as_tensor(lam, dtype=s.dtype, device=s.device)
+    if bool((lam == 0).all()):
+        return c @ torch.linalg.pinv(s, hermitian=True)
+    reg = s + lam[..., None, None] * eye if lam.dim() else s + lam * eye
+    return torch.linalg.solve(reg, c.transpose(-1, -2)).transpose(-1, -2)
+
+
+@dataclass
+class Affine:
+    """Additive statistics for ``y ~ x + W x + b`` (ridge on ``W``), batched over leading dims (heads)."""
+
+    n: float = 0.0
+    sx: Tensor | None = None
+    sr: Tensor | None = None
+    sxx: Tensor | None = None
+    srx: Tensor | None = None
+
+    def add(self, x: Tensor, y: Tensor) -> Affine:
+        """Rows ``x`` (N, ..., p) and targets ``y`` (N, ..., q); the residual ``y - x[:q]`` is fitted."""
+        x, y = x.double(), y.double()
+        r = y - x[..., : y.shape[-1]]
+        parts = (x.sum(0), r.sum(0), torch.einsum("n...i,n...j->...ij", x, x), torch.einsum("n...i,n...j->...ij", r, x))
+        if self.sx is None:
+            self.sx, self.sr, self.sxx, self.srx = parts
+        else:
+            self.sx, self.sr, self.sxx, self.srx = (
+                a + b for a, b in zip((self.sx, self.sr, self.sxx, self.srx), parts, strict=True)
+            )
+        self.n += x.shape[0]
+        return self
+
+    def __add__(self, other: Affine) -> Affine:
+        if self.sx is None:
+            return other
+        return Affine(
+            self.n + other.n, self.sx + other.sx, self.sr + other.sr, self.sxx + other.sxx, self.srx + other.srx
+        )
+
+    def fit(self, ridge: float, scalar: bool = False) -> tuple[Tensor, Tensor]:
+        """``(W, b)``; ``scalar``: ``W = s I`` per leading index (returns ``s``)."""
+        mx, mr = self.sx / self.n, self.sr / self.n
+        cxx = self.sxx - self.n * mx[..., :, None] * mx[..., None, :]
+        crx = self.srx - self.n * mr[..., :, None] * mx[..., None, :]
+        p = cxx.shape[-1]
+        energy = torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1)
+        if scalar:
+            s = torch.diagonal(crx, dim1=-2, dim2=-1).sum(-1) / (energy * (1 + ridge)).clamp_min(1e-30)
+            return s, mr - s[..., None] * mx
+        w = ridge_solve(cxx, crx, ridge * energy / p)
+        return w, mr - (w @ mx[..., None])[..., 0]
+
+
+@dataclass
+class MatrixStats:
+    """Additive statistics of the thought vector and matrix at one block."""
+
+    n: float = 0.0
+    s_delta: Tensor | None = None
+    s_aa: Tensor | None = None
+    s_ua: Tensor | None = None
+
+    def add(self, delta: Tensor | None, a: Tensor | None, u: Tensor | None) -> MatrixStats:
+        parts = [
+            None if delta is None else delta.double().sum(0),
+            None if a is None else a.double().T @ a.double(),
+            None if a is None else u.double().T @ a.double(),
+        ]
+        olds = (self.s_delta, self.s_aa, self.s_ua)
+        self.s_delta, self.s_aa, self.s_ua = (p if o is None else o + p for o, p in zip(olds, parts, strict=True))
+        self.n += (delta if delta is not None else a).shape[0]
+        return self
+
+    def __add__(self, other: MatrixStats) -> MatrixStats:
+        out = MatrixStats(self.n + other.n)
+        for k in ("s_delta", "s_aa", "s_ua"):
+            a, b = getattr(self, k), getattr(other, k)
+            setattr(out, k, b if a is None else a if b is None else a + b)
+        return out
+
+    def vector(self) -> Tensor:
+        return self.s_delta / self.n
+
+    def matrix(self, ridge: float) -> tuple[Tensor, float]:
+        """``M`` and the absolute ridge ``lam`` used."""
+        lam = ridge * float(torch.trace(self.s_aa)) / self.s_aa.shape[0]
+        return ridge_solve(self.s_aa, self.s_ua, lam), lam
+
+
+def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
+    """Factors ``B, A`` (d, k) with ``B A^T`` the best rank-k approximation of ``m``, and the energy kept."""
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    k = len(s) if rank is None else min(rank, len(s))
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return u[:, :k] * s[:k], vh[:k].T.contiguous(), kept
+
+
+# ----------------------------------------------------------------------------------------- constructions
+def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
+    """The parallel construction: each block's vector and matrix from the exact updates alone."""
+    if cfg.attn != "none":
+        raise UsageError("the attention map needs the sequential construction (it re-runs the model)")
+    patch = Patch({}, cfg.placement, updates.pairs.n_lead if cfg.skip is None else cfg.skip)
+    energies = []
+    for i in cfg.layers or range(updates.n_layers):
+        keep = ~updates.sink[i]
+        stats = MatrixStats().add(updates.delta[i][keep], updates.a[i][keep], updates.u[i][keep])
+        lp, kept = _vector_matrix(stats, cfg)
+        energies.append(kept)
+        patch.layers[i] = lp.scaled(cfg.strength)
+    patch.meta = _method_meta(cfg, energies)
+    return patch
+
+
+def _vector_matrix(stats: MatrixStats, cfg: CondenseConfig) -> tuple[LayerPatch, float]:
+    lp, kept = LayerPatch(), 1.0
+    if cfg.vector:
+        lp.vector = stats.vector().float()
+    if cfg.matrix:
+        m, _ = stats.matrix(cfg.ridge)
+        b, a, kept = truncate(m, cfg.rank)
+        lp.matrix_b, lp.matrix_a = b.float(), a.float()
+    return lp, kept
+
+
+def _method_meta(cfg: CondenseConfig, energies: list[float]) -> dict[str, str]:
+    meta = {f"method.{k}": v for k, v in cfg.describe().items()}
+    if energies:
+        meta["method.energy_kept_min"] = f"{min(energies):.6f}"
+    return meta
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Chunk:
+    """Prompt-free sequences of some queries, stepped block by block with the patch so far."""
+
+    idx: list[int]
+    calls: list
+    hidden: Tensor
+    query: Tensor  # (B, T) bool: query positions
+    active: Tensor  # (B, T) bool: positions the patch acts on
+    sink: Tensor | None = None
+
+
+@dataclass
+class _Targets:
+    """The prompted run at the query positions of every block: head outputs and mid-residuals."""
+
+    o: list[Tensor] = field(default_factory=list)
+    r: list[Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _prompted_targets(model: nn.Module, blks: list[Block], pairs: TokenPairs, batch_size: int) -> _Targets:
+    arch = architecture_for(model)
+    device = next(model.parameters()).device
+    cache = prefix_cache(model, pairs.prefix_prompted)
+    lc = len(pairs.prefix_prompted)
+    per: dict[str, list[list[Tensor]]] = {"o": [[] for _ in blks], "r": [[] for _ in blks]}
+    for start in range(0, len(pairs.queries), batch_size):
+        idx = list(range(start, min(len(pairs.queries), start + batch_size)))
+        ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
+        mask = torch.cat([torch.ones((len(idx), lc), dtype=torch.long, device=device), valid], 1)
+        calls = layer_calls(model, arch, ids, mask, prefix_view(cache))
+        h, valid = calls.hidden, valid.bool()
+        for blk in blks:
+            seen: dict[str, Tensor] = {}
+            specs = [
+                (blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])),
+                (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
+            ]
+            with hooks(specs):
+                h = run_block(blk, h, calls.calls[blk.index])
+            per["o"][blk.index].append(seen["o"][valid])
+            per["r"][blk.index].append(seen["r"][valid])
+    return _Targets([torch.cat(x) for x in per["o"]], [torch.cat(x) for x in per["r"]])
+
+
+def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
+    arch = architecture_for(model)
+    device = next(model.parameters()).device
+    l0 = len(pairs.prefix_free)
+    chunks = []
+    for start in range(0, len(pairs.queries), batch_size):
+        idx = list(range(start, min(len(pairs.queries), start + batch_size)))
+        ids, mask = pad_right([pairs.free(i) for i in idx], 0, device)
+        query = torch.zeros_like(mask, dtype=torch.bool)
+        for j, i in enumerate(idx):
+            query[j, l0 : l0 + len(pairs.queries[i])] = True
+        calls = layer_calls(model, arch, ids, mask)
+        active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
+        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active))
+    return chunks
+
+
+def _run_free(blk: Block, chunks: list[_Chunk], pos: Positions, specs_for: Callable, advance: bool = False):
+    """Run block ``blk`` over every chunk with extra hooks; ``advance`` stores the outputs as new states."""
+    for ch in chunks:
+        pos.set(ch.active)
+        with hooks(specs_for(ch)), contextlib.suppress(_Stop):
+            out = run_block(blk, ch.hidden, ch.calls[blk.index])
+            if advance:
+                ch.hidden = out
+
+
+@torch.no_grad()
+def condense(
+    model: nn.Module,
+    pairs: TokenPairs,
+    cfg: CondenseConfig = CondenseConfig(),
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Patch:
+    """The sequential construction: fit block by block with the blocks below already patched."""
+    cfg.validate(model.config.num_hidden_layers)
+    if cfg.construction == "parallel":
+        raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
+    blks = blocks(model, architecture_for(model))
+    heads, head_dim = head_shape(model)
+    skip = pairs.n_lead if cfg.skip is None else cfg.skip
+    fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
+    targets = _prompted_targets(model, blks, pairs, cfg.batch_size)
+    chunks = _free_chunks(model, pairs, skip, cfg.batch_size)
+    patch = Patch({}, cfg.placement, skip)
+    pos = Positions(skip)
+    energies: list[float] = []
+    for blk in blks:
+        i = blk.index
+        if i in fit_layers:
+            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies)
+            patch.layers[i] = lp.scaled(cfg.strength)
+        specs = layer_hook_specs(model, patch, pos, {i})
+        _run_free(blk, chunks, pos, lambda ch, specs=specs: specs, advance=True)
+        if progress:
+            progress(1)
+    patch.meta = _method_meta(cfg, energies)
+    return patch
+
+
+def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) -> Tensor:
+    return torch.cat([seen[id(ch)][key][ch.query] for ch in chunks])
+
+
+def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies) -> LayerPatch:
+    i = blk.index
+    seen: dict[int, dict[str, Tensor]] = {}
+
+    def tap(ch):  # record the head outputs, the mid-residual and the MLP input; stop before the MLP
+        rec = seen.setdefault(id(ch), {})
+
+        def grab_x(m, a, out):
+            rec["x"] = out
+
+        def grab_o(m, a):
+            rec["o"] = a[0]
+
+        def grab_r(m, a, out):
+            rec["r"], rec["z"] = a[0], out
+            raise _Stop
+
+        return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), (blk.mlp_norm, "fwd", grab_r)]
+
+    _run_free(blk, chunks, pos, tap)
+    r_c = targets.r[i]
+    h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
+    keep = ~(
+        detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
+        | detect_sinks(h_in.norm(dim=-1).float(), cfg.sink_factor)
+    )
+    lp = LayerPatch()
+    if cfg.attn != "none":
+        o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
+        oc = targets.o[i][keep].unflatten(-1, (heads, head_dim))
+        feats = o0
+        if cfg.attn_query:
+            x = _gather(chunks, "x", seen)[keep]
+            feats = torch.cat([o0, x[:, None, :].expand(-1, heads, -1)], -1)
+        stats = Affine().add(feats, oc)
+        w, b = stats.fit(cfg.attn_ridge, scalar=cfg.attn == "scalar" and not cfg.attn_query)
+        if cfg.attn_query:
+            lp.attn_query = w[..., head_dim:].reshape(heads * head_dim, -1).float()
+            w = w[..., :head_dim]
+            if cfg.attn == "scalar":
+                w = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
+        lp.attn_weight, lp.attn_bias = w.float(), b.reshape(-1).float()
+        if cfg.vector or cfg.matrix:  # the rest is fitted with the attention map installed
+            seen.clear()
+            only = Patch({i: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
+            _run_free(blk, chunks, pos, lambda ch: layer_hook_specs(model, only, pos) + tap(ch))
+    if cfg.vector or cfg.matrix:
+        r_0 = _gather(chunks, "r", seen)[keep]
+        delta = r_c[keep] - r_0
+        v = delta.double().mean(0).to(r_0.dtype) if cfg.vector else None
+        attn_out = cfg.placement == "attn_out" and v is not None
+        a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
+        u = blk.mlp_norm(r_c[keep]) - a
+        vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg)
+        lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
+        energies.append(kept)
+    return lp

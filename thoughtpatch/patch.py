@@ -1,0 +1,222 @@
+"""The Patch type and its self-describing safetensors file (DESIGN.md section 3).
+
+Tensors, per block ``l`` (0-based), each optional:
+
+* ``layers.l.attn.weight``: per-head map of the attention output minus identity, ``(H, hd, hd)`` (full)
+  or ``(H,)`` (a scalar per head); ``layers.l.attn.bias``: its constant part ``(H*hd,)``. Site: the input
+  of the attention output projection (``o_proj``); ``o <- o + weight o + bias`` per head.
+* ``layers.l.attn.query``: ``(H*hd, d)``, a correction of the head outputs read from the attention block's
+  normalised input (query-dependent; runs in memory, does not fold into the weights).
+* ``layers.l.vector``: ``(d,)`` thought vector; added after the MLP (``skip``) or to the mid-residual before
+  the MLP norm (``attn_out``), per the ``placement`` metadata.
+* ``layers.l.matrix.B`` / ``layers.l.matrix.A``: ``(d, k)`` factors of the thought matrix ``M = B A^T``
+  acting on the MLP input: every MLP input matrix ``W <- W (I + M)``.
+
+The metadata (strings) names the format and version, the base model and its fingerprint, the method and
+its settings, the prompt (hash, and text unless opted out), the probes, dtypes and the tool version. The
+same inputs give the same bytes: no timestamps, sorted keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .errors import UsageError
+from .files import load_tensors, save_tensors
+
+__all__ = [
+    "LayerPatch",
+    "Patch",
+    "PATCH_FORMAT",
+    "patch_to_bytes",
+    "patch_from_bytes",
+    "describe_patch",
+    "validate_for",
+]
+
+PATCH_FORMAT = "thoughtpatch.patch"
+PATCH_VERSION = "1"
+PLACEMENTS = ("skip", "attn_out")
+_PARTS = ("attn.weight", "attn.bias", "attn.query", "vector", "matrix.A", "matrix.B")
+
+
+@dataclass
+class LayerPatch:
+    """The parts of a patch at one block; any of them may be absent."""
+
+    attn_weight: Tensor | None = None
+    attn_bias: Tensor | None = None
+    attn_query: Tensor | None = None
+    vector: Tensor | None = None
+    matrix_a: Tensor | None = None
+    matrix_b: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        named = dict(
+            zip(
+                _PARTS,
+                (self.attn_weight, self.attn_bias, self.attn_query, self.vector, self.matrix_a, self.matrix_b),
+                strict=True,
+            )
+        )
+        return {k: v for k, v in named.items() if v is not None}
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.matrix_a is None else int(self.matrix_a.shape[1])
+
+    def matrix(self) -> Tensor | None:
+        return None if self.matrix_a is None else self.matrix_b @ self.matrix_a.T
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def scaled(self, alpha: float) -> LayerPatch:
+        """Every part times ``alpha`` (the matrix through its left factor)."""
+        s = {k: (None if v is None else v * alpha) for k, v in vars(self).items()}
+        s["matrix_a"] = self.matrix_a
+        return LayerPatch(**s)
+
+
+@dataclass
+class Patch:
+    """A token-independent patch: per-block parts plus the metadata that describes them."""
+
+    layers: dict[int, LayerPatch]
+    placement: str = "skip"
+    skip: int = 1  # leading tokens of every sequence left unpatched (the attention sink among them)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def numel(self) -> int:
+        return sum(lp.numel() for lp in self.layers.values())
+
+    @property
+    def bakeable(self) -> bool:
+        """True when every part folds exactly into standard weights (no query term, no skipped tokens)."""
+        return self.skip == 0 and all(lp.attn_query is None for lp in self.layers.values())
+
+    def scaled(self, alpha: float) -> Patch:
+        return Patch({i: lp.scaled(alpha) for i, lp in self.layers.items()}, self.placement, self.skip, dict(self.meta))
+
+
+def patch_to_bytes(patch: Patch) -> bytes:
+    tensors = {f"layers.{i}.{k}": v for i, lp in sorted(patch.layers.items()) for k, v in lp.tensors().items()}
+    meta = dict(patch.meta)
+    meta.update(
+        format=PATCH_FORMAT,
+        format_version=PATCH_VERSION,
+        tool_version=__version__,
+        placement=patch.placement,
+        skip_leading_tokens=str(patch.skip),
+        layer_convention="0-based block index",
+        layers=",".join(str(i) for i in sorted(patch.layers)),
+        sites=json.dumps(
+            {
+                "attn": "input of the attention output projection, per head: o + W o + b (+ Q x)",
+                "vector": "residual after the MLP" if patch.placement == "skip" else "mid-residual before the MLP norm",
+                "matrix": "MLP input: every matrix W that reads it becomes W (I + B A^T)",
+            },
+            sort_keys=True,
+        ),
+        parameters=str(patch.numel()),
+        storage_dtype=_dtype_name(tensors),
+    )
+    return save_tensors(tensors, meta)
+
+
+def _dtype_name(tensors: dict[str, Tensor]) -> str:
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return ",".join(names) or "none"
+
+
+def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
+    """Parse and validate a patch file's bytes; a clear error naming what is wrong."""
+    tensors, meta = load_tensors(data, what)
+    fmt = meta.get("format", "")
+    if fmt != PATCH_FORMAT:
+        hint = " (it is an updates file: run condense on it first)" if fmt == "thoughtpatch.updates" else ""
+        raise UsageError(f"{what}: not a thoughtpatch patch{hint}")
+    if meta.get("format_version") != PATCH_VERSION:
+        raise UsageError(f"{what}: unsupported format_version {meta.get('format_version')!r}")
+    placement = meta.get("placement", "skip")
+    if placement not in PLACEMENTS:
+        raise UsageError(f"{what}: metadata 'placement' must be one of {PLACEMENTS}, not {placement!r}")
+    try:
+        skip = int(meta.get("skip_leading_tokens", "1"))
+    except ValueError:
+        raise UsageError(f"{what}: metadata 'skip_leading_tokens' is not an integer") from None
+    layers: dict[int, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in _PARTS:
+            raise UsageError(f"{what}: unexpected tensor {name!r}")
+        if not t.is_floating_point():
+            raise UsageError(f"{what}: tensor {name!r} is {t.dtype}, expected floating point")
+        if not torch.isfinite(t).all():
+            raise UsageError(f"{what}: tensor {name!r} has NaN or Inf values")
+        layers.setdefault(int(parts[1]), {})[parts[2]] = t
+    out = {}
+    for i, parts in layers.items():
+        lp = LayerPatch(*(parts.get(k) for k in _PARTS))
+        if (lp.matrix_a is None) != (lp.matrix_b is None) or (
+            lp.matrix_a is not None and lp.matrix_a.shape != lp.matrix_b.shape
+        ):
+            raise UsageError(f"{what}: layer {i} needs matrix.A and matrix.B of the same shape")
+        out[i] = lp
+    return Patch(out, placement, skip, meta)
+
+
+def validate_for(patch: Patch, hidden: int, n_layers: int, heads: int, head_dim: int, what: str = "patch") -> None:
+    """Check every tensor's shape against the model's sizes before anything runs."""
+    for i, lp in patch.layers.items():
+        if not 0 <= i < n_layers:
+            raise UsageError(f"{what}: layer {i} is out of range for a model with {n_layers} blocks")
+        want = {
+            "vector": (hidden,),
+            "attn_bias": (heads * head_dim,),
+            "attn_query": (heads * head_dim, hidden),
+        }
+        for name, shape in want.items():
+            t = getattr(lp, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise UsageError(f"{what}: layer {i} {name} has shape {tuple(t.shape)}, the model needs {shape}")
+        if lp.attn_weight is not None and tuple(lp.attn_weight.shape) not in ((heads,), (heads, head_dim, head_dim)):
+            raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(lp.attn_weight.shape)}")
+        if lp.matrix_a is not None and lp.matrix_a.shape[0] != hidden:
+            raise UsageError(
+                f"{what}: layer {i} matrix factors have {lp.matrix_a.shape[0]} rows, the model needs {hidden}"
+            )
+
+
+def describe_patch(patch: Patch) -> dict:
+    """Metadata and per-block norms and ranks, as plain data (what ``inspect`` prints)."""
+    rows = []
+    for i, lp in sorted(patch.layers.items()):
+        row: dict[str, object] = {"block": i}
+        if lp.vector is not None:
+            row["vector_norm"] = float(lp.vector.norm())
+        if lp.matrix_a is not None:
+            m = lp.matrix()
+            row["matrix_rank"] = lp.rank
+            row["matrix_norm"] = float(m.norm())
+        if lp.attn_weight is not None:
+            row["attn_weight_norm"] = float(lp.attn_weight.norm())
+            row["attn_form"] = "scalar" if lp.attn_weight.dim() == 1 else "full"
+        if lp.attn_bias is not None:
+            row["attn_bias_norm"] = float(lp.attn_bias.norm())
+        if lp.attn_query is not None:
+            row["attn_query_norm"] = float(lp.attn_query.norm())
+        rows.append(row)
+    return {
+        "metadata": dict(sorted(patch.meta.items())),
+        "parameters": patch.numel(),
+        "bakeable": patch.bakeable,
+        "placement": patch.placement,
+        "skip_leading_tokens": patch.skip,
+        "layers": rows,
+    }
