@@ -106,13 +106,21 @@ def _setup(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _load(model: str | None, dtype: str, device: str):
+def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, what: str = "", cfg=None):
+    """Load the model; a file's fingerprint and the config's layer choice are checked before the weights."""
     import torch
 
+    from .formats import check_fingerprint
     from .models import load_model
 
+    def check(config):
+        if meta is not None:
+            check_fingerprint(meta, config, what)
+        if cfg is not None:
+            cfg.validate(config.num_hidden_layers)
+
     torch.set_grad_enabled(False)
-    return load_model(model, dtype=dtype, device=device, log=log)
+    return load_model(model, dtype=dtype, device=device, log=log, check=check)
 
 
 def _emit_json(doc: object) -> None:
@@ -291,7 +299,7 @@ def condense(
 ) -> None:
     """Condense implicit updates into a token-independent patch (thought vectors, matrices, attention maps)."""
     from .files import read_bytes
-    from .formats import check_fingerprint, updates_from_bytes
+    from .formats import updates_from_bytes
     from .pipeline import run_condense
 
     _setup(quiet)
@@ -300,9 +308,7 @@ def condense(
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
-    lm = _load(model or umeta.get("base_model"), dtype, device)
-    check_fingerprint(umeta, lm.model.config, f"updates file {updates_file}")
-    cfg.validate(lm.model.config.num_hidden_layers)
+    lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
     _write_patch(patch, output)
@@ -361,8 +367,7 @@ def transmute(
         raise UsageError("--answer-tokens must be >= 0")
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
-    lm = _load(model, dtype, device)
-    cfg.validate(lm.model.config.num_hidden_layers)
+    lm = _load(model, dtype, device, cfg=cfg)
     with progress("transmute", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_transmute(
             lm,
@@ -442,10 +447,7 @@ def apply(
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     patch = _read_patch(patch_file)
-    lm = _load(model or patch.meta.get("base_model"), dtype, device)
-    from .formats import check_fingerprint
-
-    check_fingerprint(patch.meta, lm.model.config, f"patch {patch_file}")
+    lm = _load(model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}")
     answers = run_generate(lm, patch, prompt, max_new_tokens=max_new_tokens, scale=scale, chat=chat)
     if json_out:
         _emit_json({"answers": [{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]})
@@ -477,7 +479,6 @@ def eval_(
     debug: Debug = False,
 ) -> None:
     """Measure how closely the patched model without the prompt matches the model with it."""
-    from .formats import check_fingerprint
     from .pipeline import run_eval
     from .prompts import load_probes, load_prompt
 
@@ -488,8 +489,7 @@ def eval_(
     prompt = load_prompt(prompt_file)
     held = load_probes(queries)
     fit = load_probes(probes) if probes else None
-    lm = _load(model or patch.meta.get("base_model"), dtype, device)
-    check_fingerprint(patch.meta, lm.model.config, f"patch {patch_file}")
+    lm = _load(model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}")
     report = run_eval(
         lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
         batch_size=batch_size, log=log,

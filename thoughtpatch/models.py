@@ -128,11 +128,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     log=None,
+    check=None,
     **overrides,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, or the default model when ``None``.
 
-    ``overrides`` go to the config (e.g. ``num_hidden_layers=2`` for a truncated model).
+    ``overrides`` go to the config (e.g. ``num_hidden_layers=2`` for a truncated model); ``check(config)``
+    runs before any weight is read, so a mismatch fails fast.
 
     >>> lm = load_model(None, dtype="float32")  # doctest: +SKIP
     >>> lm.model.config.model_type  # doctest: +SKIP
@@ -154,6 +156,8 @@ def load_model(
     from .architectures import architecture_for
 
     architecture_for(config.model_type)
+    if check:
+        check(config)
     if log:
         log(f"loading {folder}")
     try:

@@ -1,0 +1,215 @@
+"""Fidelity benchmark: every task family x method, on held-out queries never used for fitting.
+
+For each task in benchmarks/tasks/ (prompt + disjoint fit / held-out queries) it builds each method's patch
+from the fit queries, then scores it (DESIGN.md section 5: KL, top-1, exact 8-token answers) beside `none`
+and the tuned `caa` baseline. Writes a JSON file of all results, a markdown table and a PNG plot.
+
+    python scripts/bench_fidelity.py                       # all tasks, the standard methods
+    python scripts/bench_fidelity.py --tasks translate_french --methods best,bakeable
+    python scripts/bench_fidelity.py --from-json docs/fidelity.json   # redraw table and plot only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from thoughtpatch import default_probes, load_model, load_probes, load_prompt
+from thoughtpatch.condense import CondenseConfig, condense
+from thoughtpatch.constants import PRESETS
+from thoughtpatch.evaluate import evaluate, targets_for, tune_caa
+from thoughtpatch.pipeline import fit_pairs
+from thoughtpatch.prompts import align
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (config, extra generic probes added to the task's fit queries)
+METHODS: dict[str, tuple[CondenseConfig, int]] = {
+    "best": (PRESETS["best"], 0),
+    "bakeable": (PRESETS["bakeable"], 0),
+    "compact": (PRESETS["compact"], 0),
+    "vector": (CondenseConfig(attn="none", matrix=False), 0),
+    "vector+matrix": (CondenseConfig(attn="none"), 0),
+    "attn": (CondenseConfig(vector=False, matrix=False), 0),
+    "attn+query": (CondenseConfig(vector=False, matrix=False, attn_query=True), 0),
+}
+
+
+def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
+    """``name=preset:key=value:key=value`` (e.g. ``r1=best:ridge=1.0:generic=32``) or a known name."""
+    if "=" not in spec.split(":")[0]:
+        return spec, METHODS[spec]
+    name, rest = spec.split("=", 1)
+    base, *pairs = rest.split(":")
+    cfg, generic = METHODS[base] if base in METHODS else (PRESETS[base], 0)
+    changes = {}
+    for kv in pairs:
+        k, v = kv.split("=")
+        if k == "generic":
+            generic = int(v)
+        elif k == "layers":
+            changes[k] = tuple(int(x) for x in v.split(","))
+        else:
+            cur = getattr(cfg, k)
+            changes[k] = (
+                (v == "true")
+                if isinstance(cur, bool)
+                else (None if v == "none" else type(cur or 0.0)(v) if not isinstance(cur, str) else v)
+            )
+            if k == "rank" and v != "none":
+                changes[k] = int(v)
+    return name, (replace(cfg, **changes), generic)
+
+
+def run(args) -> dict:
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model, dtype="float32")
+    m, tok = lm.model, lm.tokenizer
+    n_params = sum(p.numel() for p in m.parameters())
+    methods = dict(parse_variant(s) for s in args.methods.split(","))
+    tasks = sorted(p for p in (ROOT / "benchmarks" / "tasks").iterdir() if p.is_dir())
+    if args.tasks:
+        tasks = [t for t in tasks if t.name in args.tasks.split(",")]
+    generic_pool = default_probes()
+    results: dict = {
+        "model": lm.model_id,
+        "model_parameters": n_params,
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "answer_tokens": args.answer_tokens,
+        "tasks": {},
+    }
+    for task in tasks:
+        prompt = load_prompt(next(task.glob("prompt.*")))
+        fit_q, held_q = load_probes(task / "fit.txt"), load_probes(task / "heldout.txt")
+        t = time.perf_counter()
+        held = targets_for(m, tok, align(tok, prompt, held_q), args.answer_tokens)
+        fit = fit_pairs(lm, prompt, fit_q, args.answer_tokens, None, 16)
+        t_fit = time.perf_counter() - t
+        patches, build = {}, {}
+        if not args.no_caa:
+            t = time.perf_counter()
+            patches["caa"], _ = tune_caa(m, fit)
+            build["caa"] = time.perf_counter() - t
+        for name, (cfg, generic) in methods.items():
+            t = time.perf_counter()
+            pairs = (
+                fit
+                if not generic
+                else fit_pairs(lm, prompt, fit_q + generic_pool[:generic], args.answer_tokens, None, 16)
+            )
+            patches[name] = condense(m, pairs, cfg)
+            build[name] = time.perf_counter() - t + t_fit * (len(fit_q) + generic) / (len(fit_q) + len(held_q))
+            print(
+                f"[{task.name}] built {name} in {build[name]:.1f}s ({patches[name].numel()} numbers)", file=sys.stderr
+            )
+        scores = evaluate(m, held, {"none": None, **patches})
+        for name, s in scores.items():
+            s["build_seconds"] = build.get(name, 0.0)
+            s["share_of_model"] = s["parameters"] / n_params
+            print(
+                f"[{task.name}] {name:16s} KL {s['kl']:.4f} top1 {s['top1']:.3f} exact {s['exact']:.3f}",
+                file=sys.stderr,
+            )
+        results["tasks"][task.name] = scores
+    return results
+
+
+def summarise(results: dict) -> dict[str, dict[str, float]]:
+    names = list(next(iter(results["tasks"].values())))
+    out = {}
+    for n in names:
+        rows = [t[n] for t in results["tasks"].values() if n in t]
+        out[n] = {
+            k: statistics.mean(r[k] for r in rows) for k in ("kl", "top1", "exact", "build_seconds", "share_of_model")
+        }
+        out[n]["parameters"] = rows[0]["parameters"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    mean = summarise(results)
+    lines = [
+        f"Model {results['model']} ({results['model_parameters']:,} parameters), {results['answer_tokens']} answer tokens, "
+        f"{results['date']}, {results['machine']}.",
+        "",
+        "Mean over tasks (KL nats / top-1 / exact 8-token answers), patch size and build time:",
+        "",
+        "| method | KL | top-1 | exact | numbers | share of model | build s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, s in mean.items():
+        lines.append(
+            f"| {n} | {s['kl']:.4f} | {s['top1']:.3f} | {s['exact']:.3f} | {s['parameters']:,} | {100 * s['share_of_model']:.3f}% | {s['build_seconds']:.1f} |"
+        )
+    lines += ["", "Per task, KL / top-1 / exact:", ""]
+    names = list(mean)
+    lines.append("| task | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for task, scores in results["tasks"].items():
+        cells = [
+            f"{scores[n]['kl']:.3f} / {scores[n]['top1']:.2f} / {scores[n]['exact']:.2f}" if n in scores else ""
+            for n in names
+        ]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    names = list(next(iter(results["tasks"].values())))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        xs = [i + j * width for i in range(len(tasks))]
+        axes[0].bar(xs, [results["tasks"][t][n]["kl"] for t in tasks], width, label=n)
+        axes[1].bar(xs, [results["tasks"][t][n]["top1"] for t in tasks], width, label=n)
+    for ax, title in zip(axes, ("KL(prompted || method), nats (log scale)", "top-1 agreement"), strict=True):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Held-out fidelity, {results['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tasks", default="")
+    ap.add_argument("--methods", default="best,bakeable,compact,vector,vector+matrix,attn,attn+query")
+    ap.add_argument("--answer-tokens", type=int, default=8)
+    ap.add_argument("--no-caa", action="store_true")
+    ap.add_argument(
+        "--out", default=str(ROOT / "docs" / "fidelity"), help="Output stem: .json, .md and .png are written"
+    )
+    ap.add_argument("--from-json", default=None)
+    args = ap.parse_args()
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.from_json:
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    plot(results, out.with_suffix(".png"))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Condensation: the least-squares parts, their additive statistics, truncation and sinks."""
+
+from __future__ import annotations
+
+import torch
+
+from thoughtpatch import Prompt, align, extract, load_model, teacher_answers
+from thoughtpatch.condense import Affine, CondenseConfig, MatrixStats, condense, condense_updates, truncate
+
+QUERIES = ["What is the capital of France?", "Tell me a story about a cat", "1 2 3", "dog and fox"]
+
+
+def _updates(lm, queries=QUERIES):
+    pairs = teacher_answers(lm.model, lm.tokenizer, align(lm.tokenizer, Prompt("You are a pirate."), queries), 2)
+    return extract(lm.model, pairs)
+
+
+def test_one_token_reproduces_the_exact_update(tiny_dir):
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    up = _updates(lm)
+    for layer in (0, 2):
+        t = 5  # a single probe token
+        stats = MatrixStats().add(up.delta[layer][t : t + 1], up.a[layer][t : t + 1], up.u[layer][t : t + 1])
+        assert torch.allclose(stats.vector(), up.delta[layer][t], atol=1e-12)
+        m, lam = stats.matrix(0.0)  # no ridge: the minimum-norm fit is the rank-1 update u a^T / |a|^2
+        a, u = up.a[layer][t], up.u[layer][t]
+        assert lam == 0.0
+        assert torch.allclose(m, torch.outer(u, a) / a.dot(a), atol=1e-10)
+        assert torch.allclose(m @ a, u, atol=1e-10)
+
+
+def test_statistics_of_shards_add_up(tiny_dir):
+    lm = load_model(str(tiny_dir("qwen2")), dtype="float64")
+    up = _updates(lm)
+    n = up.n_tokens
+    parts = [slice(0, n // 3), slice(n // 3, n)]
+    layer = 1
+    whole = MatrixStats().add(up.delta[layer], up.a[layer], up.u[layer])
+    shards = [MatrixStats().add(up.delta[layer][s], up.a[layer][s], up.u[layer][s]) for s in parts]
+    summed = shards[0] + shards[1]
+    assert summed.n == whole.n
+    for k in ("s_delta", "s_aa", "s_ua"):
+        assert torch.allclose(getattr(summed, k), getattr(whole, k), atol=1e-10)
+    assert torch.allclose(summed.matrix(1.0)[0], whole.matrix(1.0)[0], atol=1e-10)
+    # the per-head affine statistics are additive too
+    x, y = torch.randn(40, 3, 8, dtype=torch.float64), torch.randn(40, 3, 8, dtype=torch.float64)
+    a, b = Affine().add(x[:15], y[:15]) + Affine().add(x[15:], y[15:]), Affine().add(x, y)
+    for w1, w2 in zip(a.fit(0.1), b.fit(0.1), strict=True):
+        assert torch.allclose(w1, w2, atol=1e-10)
+
+
+def test_affine_fit_recovers_a_known_map():
+    torch.manual_seed(0)
+    x = torch.randn(500, 2, 4, dtype=torch.float64)
+    w = torch.randn(2, 4, 4, dtype=torch.float64) * 0.3
+    b = torch.randn(2, 4, dtype=torch.float64)
+    y = x + torch.einsum("nhi,hji->nhj", x, w) + b
+    w_fit, b_fit = Affine().add(x, y).fit(0.0)
+    assert torch.allclose(w_fit, w, atol=1e-8) and torch.allclose(b_fit, b, atol=1e-8)
+    s, c = Affine().add(x, 1.5 * x + b).fit(0.0, scalar=True)
+    assert torch.allclose(s, torch.full((2,), 0.5, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(c, b, atol=1e-8)
+
+
+def test_truncation_error_equals_dropped_singular_values():
+    torch.manual_seed(1)
+    m = torch.randn(12, 12, dtype=torch.float64)
+    s = torch.linalg.svdvals(m)
+    for k in (1, 4, 11):
+        b, a, kept = truncate(m, k)
+        err = torch.linalg.matrix_norm(m - b @ a.T)
+        assert torch.isclose(err, s[k:].pow(2).sum().sqrt(), atol=1e-10)
+        assert abs(kept - float(s[:k].pow(2).sum() / s.pow(2).sum())) < 1e-12
+        assert b.shape == a.shape == (12, k)
+
+
+def test_sinks_are_kept_out_of_the_statistics(tiny_dir):
+    """A planted massive-activation token is flagged at every block and does not drag the vectors."""
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    tok = lm.tokenizer
+    planted = tok(" dog", add_special_tokens=False)["input_ids"]
+    assert len(planted) == 1
+    planted = planted[0]
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[planted] *= 3000.0
+    up = _updates(lm, ["the dog", "a cat", "1 2 3 dog", "fox"])
+    rows = torch.tensor(
+        [q[p] == planted for q, p in zip([up.pairs.queries[i] for i in up.probe], up.position, strict=True)]
+    )
+    assert rows.sum() == 2
+    assert up.sink[:, rows].all() and up.sink[:, ~rows].sum() <= up.sink[:, rows].numel() // 4
+    patch = condense_updates(up, CondenseConfig(attn="none"))
+    for i, lp in patch.layers.items():
+        keep = ~up.sink[i]
+        assert torch.allclose(lp.vector.double(), up.delta[i][keep].mean(0), atol=1e-5)
+
+
+def test_sequential_patch_moves_towards_the_prompt(tiny_dir):
+    """On a pico model the default construction brings the prompt-free logits closer to prompting."""
+    from thoughtpatch.constants import PRESETS
+    from thoughtpatch.evaluate import evaluate, targets_for
+
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    prompt = Prompt("You are a pirate. Speak like a pirate in every answer.")
+    fit_q = [
+        f"{a} {b}" for a in ("the dog", "a cat", "the fox", "my story") for b in ("jumps", "is lazy", "please", "1 2 3")
+    ]
+    fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, fit_q), 3)
+    held = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, ["the quick dog", "a lazy cat 5"]), 3)
+    methods = {name: condense(lm.model, fit, cfg) for name, cfg in PRESETS.items()}
+    res = evaluate(lm.model, held, {"none": None, **methods})
+    for name in PRESETS:
+        assert res[name]["kl"] < res["none"]["kl"], (name, res[name]["kl"], res["none"]["kl"])
