@@ -31,8 +31,9 @@ from thoughtpatch.pipeline import fit_pairs
 from thoughtpatch.prompts import align
 
 ROOT = Path(__file__).resolve().parent.parent
+FIT_ANSWERS: dict[str, int] = {}  # per variant: answer tokens teacher-forced in the fit queries
 
-# name -> (config, extra generic probes added to the task's fit queries)
+# name -> (config, extra generic probes added to the task's fit queries); variants may also set fit_answers
 METHODS: dict[str, tuple[CondenseConfig, int]] = {
     "best": (PRESETS["best"], 0),
     "bakeable": (PRESETS["bakeable"], 0),
@@ -56,6 +57,8 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
         k, v = kv.split("=")
         if k == "generic":
             generic = int(v)
+        elif k == "fit_answers":
+            FIT_ANSWERS[name] = int(v)
         elif k == "layers":
             changes[k] = tuple(int(x) for x in v.split(","))
         else:
@@ -102,11 +105,11 @@ def run(args) -> dict:
             build["caa"] = time.perf_counter() - t
         for name, (cfg, generic) in methods.items():
             t = time.perf_counter()
-            pairs = (
-                fit
-                if not generic
-                else fit_pairs(lm, prompt, fit_q + generic_pool[:generic], args.answer_tokens, None, 16)
-            )
+            k = FIT_ANSWERS.get(name, args.answer_tokens)
+            if generic or k != args.answer_tokens:
+                pairs = fit_pairs(lm, prompt, fit_q + generic_pool[:generic], k, None, 16)
+            else:
+                pairs = fit
             patches[name] = condense(m, pairs, cfg)
             build[name] = time.perf_counter() - t + t_fit * (len(fit_q) + generic) / (len(fit_q) + len(held_q))
             print(

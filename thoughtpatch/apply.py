@@ -65,8 +65,8 @@ class Positions:
 def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, heads: int, head_dim: int):
     specs = []
     seen: dict[str, Tensor] = {}
-    if lp.attn_weight is not None or lp.attn_bias is not None or lp.attn_query is not None:
-        if lp.attn_query is not None:
+    if any(t is not None for t in (lp.attn_weight, lp.attn_bias, lp.attn_query, lp.attn_gate)):
+        if lp.in_memory_only:
             specs.append((blk.input_norm, "fwd", lambda m, a, out: seen.__setitem__("x", out)))
 
         def attn(module, args):
@@ -79,8 +79,13 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
                 delta = delta + d.flatten(-2)
             if lp.attn_bias is not None:
                 delta = delta + lp.attn_bias.to(o.dtype)
+            x = seen.pop("x", None)
             if lp.attn_query is not None:
-                delta = delta + seen.pop("x") @ lp.attn_query.to(o.dtype).T
+                delta = delta + x @ lp.attn_query.to(o.dtype).T
+            if lp.attn_gate is not None:
+                g = lp.attn_gate.to(o.dtype)
+                scale = g[:, 0] + x @ g[:, 1:].T  # (..., H)
+                delta = delta + (o.unflatten(-1, (heads, head_dim)) * scale[..., None]).flatten(-2)
             return (o + pos.gate(delta), *args[1:])
 
         specs.append((blk.attn_out, "pre", attn))

@@ -39,6 +39,8 @@ class CondenseConfig:
 
     attn: str = "full"  # per-head map of the attention output: none | scalar | full
     attn_query: bool = False  # add the query-dependent term (runs in memory only)
+    attn_gate: bool = False  # add a query-dependent scale of each head's output (runs in memory only)
+    attn_ridge_grid: tuple[float, ...] | None = None  # pick attn_ridge per block by 2-fold CV over queries
     vector: bool = True
     matrix: bool = True
     placement: str = "skip"  # skip | attn_out
@@ -48,7 +50,9 @@ class CondenseConfig:
     strength: float = 1.0
     layers: tuple[int, ...] | None = None  # None: all blocks
     construction: str = "sequential"  # sequential | parallel
-    skip: int | None = None  # leading tokens left unpatched; None: those both runs share
+    skip: int | None = (
+        None  # leading tokens left unpatched; None: those both runs share; -1: the whole prompt-free prefix
+    )
     sink_factor: float = 10.0
     batch_size: int = 16
 
@@ -65,8 +69,8 @@ class CondenseConfig:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
         if not (self.vector or self.matrix or self.attn != "none"):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
-        if self.attn_query and self.attn == "none":
-            raise UsageError("the query-dependent attention term needs --attn scalar or full")
+        if (self.attn_query or self.attn_gate) and self.attn == "none":
+            raise UsageError("the query-dependent attention terms need --attn scalar or full")
         if n_layers is not None and self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < n_layers]
             if bad:
@@ -77,6 +81,8 @@ class CondenseConfig:
             "construction": self.construction,
             "attn": self.attn,
             "attn_query": str(self.attn_query).lower(),
+            "attn_gate": str(self.attn_gate).lower(),
+            "attn_ridge_grid": "none" if self.attn_ridge_grid is None else ",".join(map(repr, self.attn_ridge_grid)),
             "vector": str(self.vector).lower(),
             "matrix": str(self.matrix).lower(),
             "rank": "full" if self.rank is None else str(self.rank),
@@ -188,12 +194,91 @@ def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
     return u[:, :k] * s[:k], vh[:k].T.contiguous(), kept
 
 
+def fit_gate(r: Tensor, o: Tensor, x: Tensor, ridge: float) -> Tensor:
+    """``g`` (H, d+1) minimising ``sum |r_h - (g_h0 + g_h . x) o_h|^2`` (+ ridge on ``g_h[1:]``).
+
+    The prompt's share of each head's attention mass varies with the query, which scales the head's
+    own output (o_c = gamma_t o_0 + beta_t exactly, gamma_t a scalar); this models gamma_t - 1 as linear in x.
+    """
+    f = torch.cat([torch.ones_like(x[:, :1]), x], -1).double()  # (N, d+1)
+    w = (o.double() ** 2).sum(-1)  # (N, H)
+    s = torch.einsum("nh,ni,nj->hij", w, f, f)
+    c = torch.einsum("nhk,nhk,ni->hi", r.double(), o.double(), f)
+    p = s.shape[-1]
+    reg = (ridge * torch.diagonal(s, dim1=-2, dim2=-1)[:, 1:].sum(-1) / (p - 1))[:, None, None] * torch.eye(
+        p, dtype=s.dtype
+    )
+    reg[:, 0, 0] = 0
+    return torch.linalg.solve(s + reg, c[..., None])[..., 0]
+
+
+def _gate_scale(g: Tensor, o: Tensor, x: Tensor) -> Tensor:
+    return (g[:, 0] + x.double() @ g[:, 1:].T)[..., None] * o.double()
+
+
+def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 3) -> dict:
+    """Per-head map of the attention output (rows ``o0``, ``oc``: (N, H, hd); ``x``: (N, d) or None).
+
+    Linear part ``o0 -> W o0 + b (+ Q x)`` by ridge least squares; with ``cfg.attn_gate`` alternated with the
+    query-dependent scale of :func:`fit_gate`.
+    """
+    heads, head_dim = o0.shape[1:]
+    feats = o0 if not cfg.attn_query else torch.cat([o0, x[:, None, :].expand(-1, heads, -1)], -1)
+    scalar = cfg.attn == "scalar" and not cfg.attn_query
+    gate = None
+    target = oc
+    for _ in range(rounds if cfg.attn_gate else 1):
+        w, b = Affine().add(feats, target).fit(ridge, scalar=scalar)
+        if not cfg.attn_gate:
+            break
+        linear = (o0.double() * w[..., None] if scalar else torch.einsum("nhi,hji->nhj", feats.double(), w)) + b
+        gate = fit_gate(oc.double() - o0.double() - linear, o0, x, ridge)
+        target = oc.double() - _gate_scale(gate, o0, x)
+    out: dict[str, Tensor] = {}
+    if cfg.attn_query:
+        out["attn_query"] = w[..., head_dim:].reshape(heads * head_dim, -1).float()
+        w = w[..., :head_dim]
+        if cfg.attn == "scalar":
+            w = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
+    out["attn_weight"], out["attn_bias"] = w.float(), b.reshape(-1).float()
+    if gate is not None:
+        out["attn_gate"] = gate.float()
+    return out
+
+
+def _predict_attention(parts: dict, o0: Tensor, x: Tensor | None) -> Tensor:
+    heads, head_dim = o0.shape[1:]
+    o = o0.double()
+    w = parts["attn_weight"].double()
+    delta = o * w[:, None] if w.dim() == 1 else torch.einsum("nhi,hji->nhj", o, w)
+    delta = delta + parts["attn_bias"].double().view(heads, head_dim)
+    if "attn_query" in parts:
+        delta = delta + (x.double() @ parts["attn_query"].double().T).view(-1, heads, head_dim)
+    if "attn_gate" in parts:
+        delta = delta + _gate_scale(parts["attn_gate"].double(), o0, x)
+    return o + delta
+
+
+def _cv_error(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, groups: Tensor) -> float:
+    """2-fold cross-validated error of the attention fit, folds split by query chunk (never by token)."""
+    fold = groups % 2 == 0
+    if fold.all() or (~fold).all():
+        fold = torch.arange(len(groups)) % 2 == 0
+    total = 0.0
+    for train in (fold, ~fold):
+        parts = fit_attention(o0[train], oc[train], None if x is None else x[train], cfg, ridge)
+        test = ~train
+        pred = _predict_attention(parts, o0[test], None if x is None else x[test])
+        total += float(((oc[test].double() - pred) ** 2).sum())
+    return total
+
+
 # ----------------------------------------------------------------------------------------- constructions
 def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
     """The parallel construction: each block's vector and matrix from the exact updates alone."""
     if cfg.attn != "none":
         raise UsageError("the attention map needs the sequential construction (it re-runs the model)")
-    patch = Patch({}, cfg.placement, updates.pairs.n_lead if cfg.skip is None else cfg.skip)
+    patch = Patch({}, cfg.placement, _skip(cfg, updates.pairs))
     energies = []
     for i in cfg.layers or range(updates.n_layers):
         keep = ~updates.sink[i]
@@ -203,6 +288,12 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
         patch.layers[i] = lp.scaled(cfg.strength)
     patch.meta = _method_meta(cfg, energies)
     return patch
+
+
+def _skip(cfg: CondenseConfig, pairs: TokenPairs) -> int:
+    if cfg.skip is None:
+        return pairs.n_lead
+    return len(pairs.prefix_free) if cfg.skip == -1 else cfg.skip
 
 
 def _vector_matrix(stats: MatrixStats, cfg: CondenseConfig) -> tuple[LayerPatch, float]:
@@ -314,23 +405,26 @@ def condense(
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
     blks = blocks(model, architecture_for(model))
     heads, head_dim = head_shape(model)
-    skip = pairs.n_lead if cfg.skip is None else cfg.skip
+    skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
     targets = _prompted_targets(model, blks, pairs, cfg.batch_size)
     chunks = _free_chunks(model, pairs, skip, cfg.batch_size)
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
     energies: list[float] = []
+    ridges: list[float] = []
     for blk in blks:
         i = blk.index
         if i in fit_layers:
-            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies)
+            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges)
             patch.layers[i] = lp.scaled(cfg.strength)
         specs = layer_hook_specs(model, patch, pos, {i})
         _run_free(blk, chunks, pos, lambda ch, specs=specs: specs, advance=True)
         if progress:
             progress(1)
     patch.meta = _method_meta(cfg, energies)
+    if ridges:
+        patch.meta["method.attn_ridge_chosen"] = ",".join(repr(r) for r in ridges)
     return patch
 
 
@@ -338,7 +432,7 @@ def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) 
     return torch.cat([seen[id(ch)][key][ch.query] for ch in chunks])
 
 
-def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies) -> LayerPatch:
+def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge) -> LayerPatch:
     i = blk.index
     seen: dict[int, dict[str, Tensor]] = {}
 
@@ -368,18 +462,14 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies)
     if cfg.attn != "none":
         o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
         oc = targets.o[i][keep].unflatten(-1, (heads, head_dim))
-        feats = o0
-        if cfg.attn_query:
-            x = _gather(chunks, "x", seen)[keep]
-            feats = torch.cat([o0, x[:, None, :].expand(-1, heads, -1)], -1)
-        stats = Affine().add(feats, oc)
-        w, b = stats.fit(cfg.attn_ridge, scalar=cfg.attn == "scalar" and not cfg.attn_query)
-        if cfg.attn_query:
-            lp.attn_query = w[..., head_dim:].reshape(heads * head_dim, -1).float()
-            w = w[..., :head_dim]
-            if cfg.attn == "scalar":
-                w = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
-        lp.attn_weight, lp.attn_bias = w.float(), b.reshape(-1).float()
+        x = _gather(chunks, "x", seen)[keep] if (cfg.attn_query or cfg.attn_gate) else None
+        groups = torch.cat([torch.full((int(ch.query.sum()),), n) for n, ch in enumerate(chunks)])[keep.cpu()]
+        ridge = cfg.attn_ridge
+        if cfg.attn_ridge_grid:
+            ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))
+            lp_ridge.append(ridge)
+        for k, v in fit_attention(o0, oc, x, cfg, ridge).items():
+            setattr(lp, k, v)
         if cfg.vector or cfg.matrix:  # the rest is fitted with the attention map installed
             seen.clear()
             only = Patch({i: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)

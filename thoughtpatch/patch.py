@@ -6,7 +6,10 @@ Tensors, per block ``l`` (0-based), each optional:
   or ``(H,)`` (a scalar per head); ``layers.l.attn.bias``: its constant part ``(H*hd,)``. Site: the input
   of the attention output projection (``o_proj``); ``o <- o + weight o + bias`` per head.
 * ``layers.l.attn.query``: ``(H*hd, d)``, a correction of the head outputs read from the attention block's
-  normalised input (query-dependent; runs in memory, does not fold into the weights).
+  normalised input ``x`` (query-dependent; runs in memory, does not fold into the weights).
+* ``layers.l.attn.gate``: ``(H, d + 1)``, a query-dependent scale of each head's output,
+  ``o_h <- o_h + (gate[h, 0] + gate[h, 1:] . x) o_h`` (the prompt's share of the attention mass varies with
+  the query; in memory only).
 * ``layers.l.vector``: ``(d,)`` thought vector; added after the MLP (``skip``) or to the mid-residual before
   the MLP norm (``attn_out``), per the ``placement`` metadata.
 * ``layers.l.matrix.B`` / ``layers.l.matrix.A``: ``(d, k)`` factors of the thought matrix ``M = B A^T``
@@ -42,7 +45,16 @@ __all__ = [
 PATCH_FORMAT = "thoughtpatch.patch"
 PATCH_VERSION = "1"
 PLACEMENTS = ("skip", "attn_out")
-_PARTS = ("attn.weight", "attn.bias", "attn.query", "vector", "matrix.A", "matrix.B")
+# LayerPatch field -> tensor name suffix in the file
+_PARTS = {
+    "attn_weight": "attn.weight",
+    "attn_bias": "attn.bias",
+    "attn_query": "attn.query",
+    "attn_gate": "attn.gate",
+    "vector": "vector",
+    "matrix_a": "matrix.A",
+    "matrix_b": "matrix.B",
+}
 
 
 @dataclass
@@ -52,19 +64,18 @@ class LayerPatch:
     attn_weight: Tensor | None = None
     attn_bias: Tensor | None = None
     attn_query: Tensor | None = None
+    attn_gate: Tensor | None = None
     vector: Tensor | None = None
     matrix_a: Tensor | None = None
     matrix_b: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
-        named = dict(
-            zip(
-                _PARTS,
-                (self.attn_weight, self.attn_bias, self.attn_query, self.vector, self.matrix_a, self.matrix_b),
-                strict=True,
-            )
-        )
-        return {k: v for k, v in named.items() if v is not None}
+        return {name: getattr(self, f) for f, name in _PARTS.items() if getattr(self, f) is not None}
+
+    @property
+    def in_memory_only(self) -> bool:
+        """True when a part reads the query (it runs as a hook and does not fold into weights)."""
+        return self.attn_query is not None or self.attn_gate is not None
 
     @property
     def rank(self) -> int:
@@ -98,7 +109,7 @@ class Patch:
     @property
     def bakeable(self) -> bool:
         """True when every part folds exactly into standard weights (no query term, no skipped tokens)."""
-        return self.skip == 0 and all(lp.attn_query is None for lp in self.layers.values())
+        return self.skip == 0 and not any(lp.in_memory_only for lp in self.layers.values())
 
     def scaled(self, alpha: float) -> Patch:
         return Patch({i: lp.scaled(alpha) for i, lp in self.layers.items()}, self.placement, self.skip, dict(self.meta))
@@ -153,7 +164,7 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
     layers: dict[int, dict[str, Tensor]] = {}
     for name, t in tensors.items():
         parts = name.split(".", 2)
-        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in _PARTS:
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in _PARTS.values():
             raise UsageError(f"{what}: unexpected tensor {name!r}")
         if not t.is_floating_point():
             raise UsageError(f"{what}: tensor {name!r} is {t.dtype}, expected floating point")
@@ -162,7 +173,7 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
         layers.setdefault(int(parts[1]), {})[parts[2]] = t
     out = {}
     for i, parts in layers.items():
-        lp = LayerPatch(*(parts.get(k) for k in _PARTS))
+        lp = LayerPatch(**{f: parts.get(name) for f, name in _PARTS.items()})
         if (lp.matrix_a is None) != (lp.matrix_b is None) or (
             lp.matrix_a is not None and lp.matrix_a.shape != lp.matrix_b.shape
         ):
@@ -180,6 +191,7 @@ def validate_for(patch: Patch, hidden: int, n_layers: int, heads: int, head_dim:
             "vector": (hidden,),
             "attn_bias": (heads * head_dim,),
             "attn_query": (heads * head_dim, hidden),
+            "attn_gate": (heads, hidden + 1),
         }
         for name, shape in want.items():
             t = getattr(lp, name)
@@ -211,6 +223,8 @@ def describe_patch(patch: Patch) -> dict:
             row["attn_bias_norm"] = float(lp.attn_bias.norm())
         if lp.attn_query is not None:
             row["attn_query_norm"] = float(lp.attn_query.norm())
+        if lp.attn_gate is not None:
+            row["attn_gate_norm"] = float(lp.attn_gate.norm())
         rows.append(row)
     return {
         "metadata": dict(sorted(patch.meta.items())),

@@ -40,7 +40,8 @@ def test_transmute_is_deterministic_and_self_describing(work):
 
     with safe_open(str(d / "a.safetensors"), "pt") as f:  # loadable with safetensors alone
         meta = f.metadata()
-        assert any(k.endswith("matrix.A") for k in f.keys())
+        names = list(f.keys())
+        assert any(k.endswith("matrix.A") for k in names)
     for key in ("format", "format_version", "base_model", "fingerprint", "prompt_sha256", "prompt", "probes_sha256",
                 "probe_tokens", "method.construction", "method.ridge", "method.rank", "method.strength", "placement",
                 "compute_dtype", "storage_dtype", "tool_version", "layer_convention", "sites"):  # fmt: skip
