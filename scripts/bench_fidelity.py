@@ -32,6 +32,7 @@ from thoughtpatch.prompts import align
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT_ANSWERS: dict[str, int] = {}  # per variant: answer tokens teacher-forced in the fit queries
+SAMPLES: dict[str, int] = {}  # per variant: extra sampled answers per fit query
 
 # name -> (config, extra generic probes added to the task's fit queries); variants may also set fit_answers
 METHODS: dict[str, tuple[CondenseConfig, int]] = {
@@ -59,6 +60,8 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
             generic = int(v)
         elif k == "fit_answers":
             FIT_ANSWERS[name] = int(v)
+        elif k == "samples":
+            SAMPLES[name] = int(v)
         elif k == "layers":
             changes[k] = tuple(int(x) for x in v.split(","))
         else:
@@ -106,8 +109,8 @@ def run(args) -> dict:
         for name, (cfg, generic) in methods.items():
             t = time.perf_counter()
             k = FIT_ANSWERS.get(name, args.answer_tokens)
-            if generic or k != args.answer_tokens:
-                pairs = fit_pairs(lm, prompt, fit_q + generic_pool[:generic], k, None, 16)
+            if generic or k != args.answer_tokens or SAMPLES.get(name):
+                pairs = fit_pairs(lm, prompt, fit_q + generic_pool[:generic], k, None, 16, SAMPLES.get(name, 0))
             else:
                 pairs = fit
             patches[name] = condense(m, pairs, cfg)
@@ -203,6 +206,7 @@ def main() -> None:
         "--out", default=str(ROOT / "docs" / "fidelity"), help="Output stem: .json, .md and .png are written"
     )
     ap.add_argument("--from-json", default=None)
+    ap.add_argument("--doc", default=None, help="Markdown file whose results section is rewritten (docs/fidelity.md)")
     args = ap.parse_args()
     results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     out = Path(args.out)
@@ -211,6 +215,14 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))
     plot(results, out.with_suffix(".png"))
+    if args.doc:  # refresh the results section of a narrative document in place
+        doc = Path(args.doc)
+        text = doc.read_text()
+        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            table = f"![held-out fidelity]({out.with_suffix('.png').name})\n\n" + markdown(results)
+            doc.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
     print(markdown(results))
 
 

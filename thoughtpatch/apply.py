@@ -19,6 +19,13 @@ from .architectures import architecture_for
 from .engine import Block, active_positions, blocks, hooks
 from .patch import LayerPatch, Patch, validate_for
 
+
+def per_head(o: Tensor, w: Tensor) -> Tensor:
+    """``W_h o_h`` for every head: ``o`` (..., H, hd), ``w`` (H, out, hd)."""
+    flat = o.reshape(-1, *o.shape[-2:]).transpose(0, 1)  # (H, M, hd)
+    return (flat @ w.transpose(-1, -2)).transpose(0, 1).reshape(*o.shape[:-1], w.shape[-2])
+
+
 __all__ = ["installed", "Positions", "head_shape"]
 
 
@@ -75,7 +82,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             if lp.attn_weight is not None:
                 w = lp.attn_weight.to(o.dtype)
                 oh = o.unflatten(-1, (heads, head_dim))
-                d = oh * w[:, None] if w.dim() == 1 else torch.einsum("...hi,hji->...hj", oh, w)
+                d = oh * w[:, None] if w.dim() == 1 else per_head(oh, w)
                 delta = delta + d.flatten(-2)
             if lp.attn_bias is not None:
                 delta = delta + lp.attn_bias.to(o.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .apply import Positions, head_shape, layer_hook_specs
+from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import architecture_for
 from .engine import Block, blocks, hooks, layer_calls, pad_right, prefix_cache, prefix_view, run_block
 from .errors import UsageError
@@ -114,11 +114,24 @@ class Affine:
     sxx: Tensor | None = None
     srx: Tensor | None = None
 
-    def add(self, x: Tensor, y: Tensor) -> Affine:
-        """Rows ``x`` (N, ..., p) and targets ``y`` (N, ..., q); the residual ``y - x[:q]`` is fitted."""
+    def add(self, x: Tensor, y: Tensor, shared: Tensor | None = None) -> Affine:
+        """Rows ``x`` (N, ..., p) and targets ``y`` (N, ..., q); the residual ``y - x[:q]`` is fitted.
+
+        ``shared`` (N, s): extra features common to every leading index (heads), appended to ``x``; their
+        Gram block is computed once instead of once per head.
+        """
         x, y = x.double(), y.double()
         r = y - x[..., : y.shape[-1]]
-        parts = (x.sum(0), r.sum(0), torch.einsum("n...i,n...j->...ij", x, x), torch.einsum("n...i,n...j->...ij", r, x))
+        xt, rt = x.movedim(0, -2), r.movedim(0, -2)  # (..., N, p): one batched matmul per leading index
+        parts = (x.sum(0), r.sum(0), xt.transpose(-1, -2) @ xt, rt.transpose(-1, -2) @ xt)
+        if shared is not None:
+            sh = shared.double()
+            lead = x.shape[1:-1]
+            xs = xt.transpose(-1, -2) @ sh  # (..., p, s)
+            ss = (sh.T @ sh).expand(*lead, sh.shape[1], sh.shape[1])
+            sxx = torch.cat([torch.cat([parts[2], xs], -1), torch.cat([xs.transpose(-1, -2), ss], -1)], -2)
+            sx = torch.cat([parts[0], sh.sum(0).expand(*lead, sh.shape[1])], -1)
+            parts = (sx, parts[1], sxx, torch.cat([parts[3], rt.transpose(-1, -2) @ sh], -1))
         if self.sx is None:
             self.sx, self.sr, self.sxx, self.srx = parts
         else:
@@ -200,10 +213,11 @@ def fit_gate(r: Tensor, o: Tensor, x: Tensor, ridge: float) -> Tensor:
     The prompt's share of each head's attention mass varies with the query, which scales the head's
     own output (o_c = gamma_t o_0 + beta_t exactly, gamma_t a scalar); this models gamma_t - 1 as linear in x.
     """
-    f = torch.cat([torch.ones_like(x[:, :1]), x], -1).double()  # (N, d+1)
-    w = (o.double() ** 2).sum(-1)  # (N, H)
-    s = torch.einsum("nh,ni,nj->hij", w, f, f)
-    c = torch.einsum("nhk,nhk,ni->hi", r.double(), o.double(), f)
+    f = torch.cat([torch.ones_like(x[:, :1]), x], -1).float()  # (N, d+1)
+    w = (o.float() ** 2).sum(-1).T  # (H, N)
+    s = ((f.T[None] * w[:, None, :]) @ f).double()  # (H, d+1, d+1); float32 products, float64 solve
+    f = f.double()
+    c = ((r.double() * o.double()).sum(-1).T) @ f  # (H, d+1)
     p = s.shape[-1]
     reg = (ridge * torch.diagonal(s, dim1=-2, dim2=-1)[:, 1:].sum(-1) / (p - 1))[:, None, None] * torch.eye(
         p, dtype=s.dtype
@@ -216,23 +230,27 @@ def _gate_scale(g: Tensor, o: Tensor, x: Tensor) -> Tensor:
     return (g[:, 0] + x.double() @ g[:, 1:].T)[..., None] * o.double()
 
 
-def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 3) -> dict:
+def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 2) -> dict:
     """Per-head map of the attention output (rows ``o0``, ``oc``: (N, H, hd); ``x``: (N, d) or None).
 
     Linear part ``o0 -> W o0 + b (+ Q x)`` by ridge least squares; with ``cfg.attn_gate`` alternated with the
     query-dependent scale of :func:`fit_gate`.
     """
     heads, head_dim = o0.shape[1:]
-    feats = o0 if not cfg.attn_query else torch.cat([o0, x[:, None, :].expand(-1, heads, -1)], -1)
+    shared = x if cfg.attn_query else None
     scalar = cfg.attn == "scalar" and not cfg.attn_query
     gate = None
     target = oc
     for _ in range(rounds if cfg.attn_gate else 1):
-        w, b = Affine().add(feats, target).fit(ridge, scalar=scalar)
+        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar)
         if not cfg.attn_gate:
             break
-        linear = (o0.double() * w[..., None] if scalar else torch.einsum("nhi,hji->nhj", feats.double(), w)) + b
-        gate = fit_gate(oc.double() - o0.double() - linear, o0, x, ridge)
+        linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
+        if shared is not None:
+            linear = linear + (shared.double() @ w[..., head_dim:].reshape(heads * head_dim, -1).T).view(
+                -1, heads, head_dim
+            )
+        gate = fit_gate(oc.double() - o0.double() - linear - b, o0, x, ridge)
         target = oc.double() - _gate_scale(gate, o0, x)
     out: dict[str, Tensor] = {}
     if cfg.attn_query:
@@ -250,7 +268,7 @@ def _predict_attention(parts: dict, o0: Tensor, x: Tensor | None) -> Tensor:
     heads, head_dim = o0.shape[1:]
     o = o0.double()
     w = parts["attn_weight"].double()
-    delta = o * w[:, None] if w.dim() == 1 else torch.einsum("nhi,hji->nhj", o, w)
+    delta = o * w[:, None] if w.dim() == 1 else per_head(o, w)
     delta = delta + parts["attn_bias"].double().view(heads, head_dim)
     if "attn_query" in parts:
         delta = delta + (x.double() @ parts["attn_query"].double().T).view(-1, heads, head_dim)

@@ -224,11 +224,15 @@ def greedy(
     max_new_tokens: int,
     eos_ids: set[int],
     batch_size: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[list[int]]:
     """Greedy continuations of ``prefix + query`` for each query, batched, with the prefix computed once.
 
-    Each continuation stops after an EOS token (kept) or ``max_new_tokens`` tokens.
+    Each continuation stops after an EOS token (kept) or ``max_new_tokens`` tokens. With ``temperature > 0``
+    tokens are sampled instead, reproducibly from ``seed``.
     """
+    gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     kw = cache_kwarg(model)
     base = prefix_cache(model, prefix)
@@ -244,7 +248,12 @@ def greedy(
             logits = model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache}
             )
-            nxt = logits.logits[:, -1].argmax(-1)
+            last = logits.logits[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(last.cpu() / temperature, -1)
+                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
+            else:
+                nxt = last.argmax(-1)
             out_tokens = torch.cat([out_tokens, nxt[:, None]], 1)
             done |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))
             if bool(done.all()):

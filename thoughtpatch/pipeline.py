@@ -15,7 +15,7 @@ import torch
 from .extract import Updates, check, extract, teacher_answers
 from .formats import fingerprint
 from .models import LoadedModel
-from .prompts import Prompt, align, default_probes, sha256_text
+from .prompts import Prompt, TokenPairs, align, default_probes, sha256_text
 
 __all__ = [
     "ExtractResult",
@@ -123,11 +123,35 @@ def _patch_meta(patch, lm: LoadedModel, provenance_meta: dict[str, str], n_token
 
 
 def fit_pairs(
-    lm: LoadedModel, prompt: Prompt, queries: list[str], answer_tokens: int, chat: bool | None, batch_size: int
-):
-    """Aligned fit queries carrying the prompted model's own answers (teacher-forced)."""
+    lm: LoadedModel,
+    prompt: Prompt,
+    queries: list[str],
+    answer_tokens: int,
+    chat: bool | None,
+    batch_size: int,
+    samples: int = 0,
+    temperature: float = 1.0,
+) -> TokenPairs:
+    """Aligned fit queries carrying the prompted model's own answers (teacher-forced).
+
+    ``samples`` adds that many sampled answers per query (more answer positions along the trajectories the
+    prompted model would take), each as an extra row of probes.
+    """
+    from .engine import eos_ids, greedy
+
     pairs = align(lm.tokenizer, prompt, queries, chat)
-    return teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
+    out = teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
+    eos = eos_ids(lm.model, lm.tokenizer)
+    for s in range(samples):
+        answers = greedy(
+            lm.model, pairs.prefix_prompted, pairs.queries, answer_tokens, eos, 32, temperature, seed=s + 1
+        )
+        more = pairs.with_answers(answers)
+        out = TokenPairs(
+            out.prefix_prompted, out.prefix_free, out.queries + more.queries, out.n_lead, out.chat,
+            out.answer_start + more.answer_start,
+        )  # fmt: skip
+    return out
 
 
 def run_transmute(

@@ -1,0 +1,58 @@
+"""Patch build time: `transmute` with N probes on the default model, per mode, with its stages.
+
+python scripts/bench_build.py [--probes 64] [--modes best,bakeable,compact] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from thoughtpatch import default_probes, load_model, load_prompt
+from thoughtpatch.constants import PRESETS
+from thoughtpatch.pipeline import run_transmute
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--prompt", default="examples/french.txt")
+    ap.add_argument("--probes", type=int, default=64)
+    ap.add_argument("--modes", default="best,bakeable,compact")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    t = time.perf_counter()
+    lm = load_model(args.model)
+    load_s = time.perf_counter() - t
+    probes = (default_probes() * 16)[: args.probes]
+    rows = {}
+    for mode in args.modes.split(","):
+        t = time.perf_counter()
+        patch, seconds = run_transmute(lm, load_prompt(args.prompt), probes, PRESETS[mode])
+        rows[mode] = {"seconds": round(time.perf_counter() - t, 2), "stages": {k: round(v, 2) for k, v in seconds.items()},
+                      "parameters": patch.numel()}  # fmt: skip
+    doc = {
+        "model": lm.model_id,
+        "probes": len(probes),
+        "load_seconds": round(load_s, 2),
+        "modes": rows,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"transmute with {len(probes)} probes on {lm.model_id} ({doc['machine']}); model load {load_s:.1f} s\n")
+    print("| mode | seconds | answers | condense | numbers |\n|---|---|---|---|---|")
+    for mode, r in rows.items():
+        print(
+            f"| {mode} | {r['seconds']} | {r['stages']['answers']} | {r['stages']['condense']} | {r['parameters']:,} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
