@@ -92,6 +92,7 @@ def run(args) -> dict:
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
         "answer_tokens": args.answer_tokens,
+        "fit_answer_tokens": args.fit_answer_tokens,
         "tasks": {},
     }
     for task in tasks:
@@ -99,7 +100,7 @@ def run(args) -> dict:
         fit_q, held_q = load_probes(task / "fit.txt"), load_probes(task / "heldout.txt")
         t = time.perf_counter()
         held = targets_for(m, tok, align(tok, prompt, held_q), args.answer_tokens)
-        fit = fit_pairs(lm, prompt, fit_q, args.answer_tokens, None, 16)
+        fit = fit_pairs(lm, prompt, fit_q, args.fit_answer_tokens, None, 16)
         t_fit = time.perf_counter() - t
         patches, build = {}, {}
         if not args.no_caa:
@@ -108,8 +109,8 @@ def run(args) -> dict:
             build["caa"] = time.perf_counter() - t
         for name, (cfg, generic) in methods.items():
             t = time.perf_counter()
-            k = FIT_ANSWERS.get(name, args.answer_tokens)
-            if generic or k != args.answer_tokens or SAMPLES.get(name):
+            k = FIT_ANSWERS.get(name, args.fit_answer_tokens)
+            if generic or k != args.fit_answer_tokens or SAMPLES.get(name):
                 pairs = fit_pairs(lm, prompt, fit_q + generic_pool[:generic], k, None, 16, SAMPLES.get(name, 0))
             else:
                 pairs = fit
@@ -200,14 +201,17 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tasks", default="")
     ap.add_argument("--methods", default="best,bakeable,compact,vector,vector+matrix,attn,attn+query")
-    ap.add_argument("--answer-tokens", type=int, default=8)
+    ap.add_argument("--answer-tokens", type=int, default=8, help="Answer tokens scored (targets)")
+    ap.add_argument("--fit-answer-tokens", type=int, default=16, help="Answer tokens teacher-forced in the fit probes")
     ap.add_argument("--no-caa", action="store_true")
     ap.add_argument(
-        "--out", default=str(ROOT / "docs" / "fidelity"), help="Output stem: .json, .md and .png are written"
+        "--out", default=str(ROOT / "docs" / "fidelity-results"), help="Output stem: .json, .md and .png are written"
     )
     ap.add_argument("--from-json", default=None)
     ap.add_argument("--doc", default=None, help="Markdown file whose results section is rewritten (docs/fidelity.md)")
     args = ap.parse_args()
+    if args.doc and Path(args.doc).resolve() == Path(args.out).with_suffix(".md").resolve():
+        sys.exit("--doc and --out would write the same file; give --out another stem")
     results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

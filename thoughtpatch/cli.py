@@ -63,7 +63,7 @@ AttnQuery = Annotated[
 Vector = Annotated[bool | None, typer.Option("--vector/--no-vector", help="Fit the thought vector.")]
 Matrix = Annotated[bool | None, typer.Option("--matrix/--no-matrix", help="Fit the thought matrix.")]
 Placement = Annotated[str | None, typer.Option(help="Where the vector acts: skip (after the MLP) or attn_out.")]
-Rank = Annotated[int | None, typer.Option(help="Rank of the thought matrices (default: full).")]
+Rank = Annotated[int | None, typer.Option(help="Rank of the thought matrices (default: full; implies --matrix).")]
 Ridge = Annotated[float | None, typer.Option(help="Matrix ridge, relative to the mean MLP-input energy.")]
 AttnRidge = Annotated[float | None, typer.Option(help="Attention-map ridge, relative.")]
 Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
@@ -231,6 +231,8 @@ def _config(mode: str, **options):
     if mode not in PRESETS:
         raise UsageError(f"--mode must be one of {', '.join(PRESETS)}, not {mode!r}")
     given = {k: v for k, v in options.items() if v is not None}
+    if "rank" in given or "ridge" in given:  # asking for a matrix's rank or ridge asks for the matrix
+        given.setdefault("matrix", True)
     if "layers" in given:
         given["layers"] = _layers(given["layers"])
     cfg = replace(PRESETS[mode], **given)
@@ -327,7 +329,7 @@ def transmute(
     output: Output = "-",
     model: Model = None,
     probes: Probes = None,
-    answer_tokens: AnswerTokens = 8,
+    answer_tokens: AnswerTokens = 16,
     mode: Mode = "best",
     bakeable: Annotated[bool, typer.Option("--bakeable", help="Same as --mode bakeable.")] = False,
     compact: Annotated[bool, typer.Option("--compact", help="Same as --mode compact.")] = False,

@@ -160,7 +160,7 @@ def run_transmute(
     queries: list[str],
     cfg,
     *,
-    answer_tokens: int = 8,
+    answer_tokens: int = 16,  # constants.FIT_ANSWER_TOKENS
     chat: bool | None = None,
     store_prompt: bool = True,
     log: Callable[[str], None] = lambda s: None,

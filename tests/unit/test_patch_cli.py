@@ -41,7 +41,7 @@ def test_transmute_is_deterministic_and_self_describing(work):
     with safe_open(str(d / "a.safetensors"), "pt") as f:  # loadable with safetensors alone
         meta = f.metadata()
         names = list(f.keys())
-        assert any(k.endswith("matrix.A") for k in names)
+        assert any(k.endswith("attn.gate") for k in names) and any(k.endswith("attn.query") for k in names)
     for key in ("format", "format_version", "base_model", "fingerprint", "prompt_sha256", "prompt", "probes_sha256",
                 "probe_tokens", "method.construction", "method.ridge", "method.rank", "method.strength", "placement",
                 "compute_dtype", "storage_dtype", "tool_version", "layer_convention", "sites"):  # fmt: skip
@@ -49,7 +49,7 @@ def test_transmute_is_deterministic_and_self_describing(work):
     r = run_cli("inspect", str(d / "a.safetensors"), "--json")
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["parameters"] > 0 and len(doc["layers"]) == 3
-    assert {"vector_norm", "matrix_rank", "attn_weight_norm"} <= set(doc["layers"][0])
+    assert {"attn_weight_norm", "attn_query_norm", "attn_gate_norm"} <= set(doc["layers"][0])
 
 
 def test_no_store_prompt(work):

@@ -1,0 +1,55 @@
+"""Regression guard for the default construction of each `transmute` mode (PEFT-style output regression).
+
+The recorded figures change only when the default construction changes: update them deliberately, together
+with docs/fidelity.md, never to make a failing test pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from thoughtpatch import Prompt, align, load_model
+from thoughtpatch.condense import condense
+from thoughtpatch.constants import FIT_ANSWER_TOKENS, PRESETS
+from thoughtpatch.evaluate import evaluate, targets_for
+
+FIT = [
+    f"{a} {b}"
+    for a in ("the dog", "a cat", "the fox", "my story", "tell me")
+    for b in ("jumps", "is lazy", "please", "1 2 3")
+]
+HELD = ["the quick dog", "a lazy cat 5", "tell me a story please", "1 2 3 4 5"]
+
+# mode -> (numbers in the patch, held-out KL of the patch) on the pico Llama below, float64
+RECORDED = {
+    "best": (4332, 0.00010581228343653493),
+    "bakeable": (7104, 0.00015525489652645774),
+    "compact": (588, 0.00023796079403837211),
+}
+
+
+@pytest.fixture(scope="module")
+def scores(tiny_dir):
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    prompt = Prompt("You are a pirate. Speak like a pirate in every answer.")
+    fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, FIT), FIT_ANSWER_TOKENS)
+    held = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, HELD), 8)
+    patches = {mode: condense(lm.model, fit, cfg) for mode, cfg in PRESETS.items()}
+    return patches, evaluate(lm.model, held, {"none": None, **patches})
+
+
+@pytest.mark.parametrize("mode", list(PRESETS))
+def test_default_construction_is_unchanged(scores, mode):
+    patches, res = scores
+    numbers, kl = RECORDED[mode]
+    assert res[mode]["kl"] < 0.5 * res["none"]["kl"]
+    assert patches[mode].numel() == numbers
+    assert res[mode]["kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_modes_keep_their_promises(scores):
+    patches, _ = scores
+    assert patches["bakeable"].bakeable and not patches["best"].bakeable
+    # the compact budget is relative to the real model; here: scalar head maps and rank <= 2, nothing query-dependent
+    assert all(lp.rank <= 2 and lp.attn_weight.dim() == 1 for lp in patches["compact"].layers.values())
+    assert not any(lp.in_memory_only for lp in patches["compact"].layers.values())
