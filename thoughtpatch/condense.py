@@ -22,7 +22,18 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import architecture_for
-from .engine import Block, blocks, hooks, layer_calls, pad_right, prefix_cache, prefix_view, run_block
+from .engine import (
+    Block,
+    StopBlock,
+    blocks,
+    hooks,
+    layer_calls,
+    pad_right,
+    prefix_cache,
+    prefix_mask,
+    prefix_view,
+    run_block,
+)
 from .errors import UsageError
 from .extract import Updates, detect_sinks
 from .patch import LayerPatch, Patch
@@ -332,10 +343,6 @@ def _method_meta(cfg: CondenseConfig, energies: list[float]) -> dict[str, str]:
     return meta
 
 
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class _Chunk:
     """Prompt-free sequences of some queries, stepped block by block with the patch so far."""
@@ -366,8 +373,7 @@ def _prompted_targets(model: nn.Module, blks: list[Block], pairs: TokenPairs, ba
     for start in range(0, len(pairs.queries), batch_size):
         idx = list(range(start, min(len(pairs.queries), start + batch_size)))
         ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
-        mask = torch.cat([torch.ones((len(idx), lc), dtype=torch.long, device=device), valid], 1)
-        calls = layer_calls(model, arch, ids, mask, prefix_view(cache))
+        calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(cache))
         h, valid = calls.hidden, valid.bool()
         for blk in blks:
             seen: dict[str, Tensor] = {}
@@ -403,7 +409,7 @@ def _run_free(blk: Block, chunks: list[_Chunk], pos: Positions, specs_for: Calla
     """Run block ``blk`` over every chunk with extra hooks; ``advance`` stores the outputs as new states."""
     for ch in chunks:
         pos.set(ch.active)
-        with hooks(specs_for(ch)), contextlib.suppress(_Stop):
+        with hooks(specs_for(ch)), contextlib.suppress(StopBlock):
             out = run_block(blk, ch.hidden, ch.calls[blk.index])
             if advance:
                 ch.hidden = out
@@ -465,7 +471,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
 
         def grab_r(m, a, out):
             rec["r"], rec["z"] = a[0], out
-            raise _Stop
+            raise StopBlock
 
         return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), (blk.mlp_norm, "fwd", grab_r)]
 

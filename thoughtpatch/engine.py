@@ -29,6 +29,8 @@ __all__ = [
     "matvec",
     "pad_right",
     "pad_after_prefix",
+    "prefix_mask",
+    "StopBlock",
     "greedy",
     "prefix_cache",
     "expand_cache",
@@ -180,6 +182,15 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, 
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+class StopBlock(Exception):
+    """Raised by a hook to end a block early once what it needed has been seen (callers suppress it)."""
+
+
+def prefix_mask(valid: Tensor, n: int) -> Tensor:
+    """The attention mask of ``n`` cached prefix tokens followed by right-padded rows (``valid``: (B, T))."""
+    return torch.cat([torch.ones((valid.shape[0], n), dtype=torch.long, device=valid.device), valid.long()], 1)
 
 
 def pad_after_prefix(seqs: list[list[int]], prefix_len: int, device=None) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,7 +22,18 @@ from torch import Tensor, nn
 
 from .apply import installed
 from .architectures import architecture_for
-from .engine import blocks, cache_kwarg, eos_ids, greedy, hooks, pad_after_prefix, pad_right, prefix_cache, prefix_view
+from .engine import (
+    blocks,
+    cache_kwarg,
+    eos_ids,
+    greedy,
+    hooks,
+    pad_after_prefix,
+    pad_right,
+    prefix_cache,
+    prefix_mask,
+    prefix_view,
+)
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
 
@@ -111,7 +122,7 @@ def residual_differences(model: nn.Module, pairs: TokenPairs, batch_size: int = 
         for start in range(0, len(pairs.queries), batch_size):
             idx = range(start, min(len(pairs.queries), start + batch_size))
             ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
-            mask = torch.cat([torch.ones((len(idx), len(prefix)), dtype=torch.long, device=device), valid], 1)
+            mask = prefix_mask(valid, len(prefix))
             outs: list[Tensor] = []
 
             def grab(m, a, o, rows=valid.bool(), outs=outs):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .architectures import Architecture, architecture_for
 from .engine import (
     Block,
+    StopBlock,
     blocks,
     eos_ids,
     greedy,
@@ -33,6 +34,7 @@ from .engine import (
     matvec,
     pad_right,
     prefix_cache,
+    prefix_mask,
     prefix_view,
     run_block,
 )
@@ -113,13 +115,13 @@ def extract(
         for i in idx:
             probe.append(torch.full((len(pairs.queries[i]),), i))
             position.append(torch.arange(len(pairs.queries[i])))
-        calls_c = layer_calls(model, arch, ids, _with_prefix(valid, lc), prefix_view(cache_c))
-        calls_0 = layer_calls(model, arch, ids, _with_prefix(valid, l0), prefix_view(cache_0))
+        calls_c = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(cache_c))
+        calls_0 = layer_calls(model, arch, ids, prefix_mask(valid, l0), prefix_view(cache_0))
         h = calls_c.hidden
         embed.append((calls_c.hidden - calls_0.hidden)[valid])
         for blk in blks:
             tap_c, tap_0 = _Tap(blk), _Tap(blk, stop=True)
-            with hooks(tap_0.specs), contextlib.suppress(_Stop):  # prompt-free attention, prompted states
+            with hooks(tap_0.specs), contextlib.suppress(StopBlock):  # prompt-free attention, prompted states
                 run_block(blk, h, calls_0.calls[blk.index])
             with hooks(tap_c.specs):
                 h = run_block(blk, h, calls_c.calls[blk.index])
@@ -148,15 +150,6 @@ def extract(
     )
 
 
-def _with_prefix(valid: Tensor, n: int) -> Tensor:
-    """The attention mask of ``n`` cached prefix tokens followed by right-padded queries."""
-    return torch.cat([torch.ones((valid.shape[0], n), dtype=torch.long, device=valid.device), valid.long()], 1)
-
-
-class _Stop(Exception):
-    """Raised by a tap to end a block early once what it needs has been seen."""
-
-
 class _Tap:
     """Records the mid-residual ``r`` (input of the MLP norm) and the MLP input ``z`` (its output)."""
 
@@ -166,7 +159,7 @@ class _Tap:
         def grab(module, args, output):
             self.seen["r"], self.seen["z"] = args[0], output
             if stop:
-                raise _Stop
+                raise StopBlock
 
         self.specs = [(blk.mlp_norm, "fwd", grab)]
 
