@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -355,37 +355,40 @@ class _Chunk:
     sink: Tensor | None = None
 
 
-@dataclass
-class _Targets:
-    """The prompted run at the query positions of every block: head outputs and mid-residuals."""
+class _Prompted:
+    """The prompted run at the query positions, advanced one block at a time (one block's states in memory).
 
-    o: list[Tensor] = field(default_factory=list)
-    r: list[Tensor] = field(default_factory=list)
+    Every chunk reads the prompt's KV cache through a read-only view, so the recorded block calls can be
+    replayed block by block without storing anything per block.
+    """
 
+    def __init__(self, model: nn.Module, pairs: TokenPairs, batch_size: int):
+        arch = architecture_for(model)
+        device = next(model.parameters()).device
+        self.cache = prefix_cache(model, pairs.prefix_prompted)
+        lc = len(pairs.prefix_prompted)
+        self.chunks: list[tuple[list, Tensor, Tensor]] = []  # (block calls, hidden, valid)
+        for start in range(0, len(pairs.queries), batch_size):
+            idx = range(start, min(len(pairs.queries), start + batch_size))
+            ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
+            calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
+            self.chunks.append((calls.calls, calls.hidden, valid.bool()))
 
-@torch.no_grad()
-def _prompted_targets(model: nn.Module, blks: list[Block], pairs: TokenPairs, batch_size: int) -> _Targets:
-    arch = architecture_for(model)
-    device = next(model.parameters()).device
-    cache = prefix_cache(model, pairs.prefix_prompted)
-    lc = len(pairs.prefix_prompted)
-    per: dict[str, list[list[Tensor]]] = {"o": [[] for _ in blks], "r": [[] for _ in blks]}
-    for start in range(0, len(pairs.queries), batch_size):
-        idx = list(range(start, min(len(pairs.queries), start + batch_size)))
-        ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
-        calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(cache))
-        h, valid = calls.hidden, valid.bool()
-        for blk in blks:
+    def step(self, blk: Block) -> tuple[Tensor, Tensor]:
+        """Run block ``blk`` on every chunk: its head outputs and mid-residuals at the query rows."""
+        os, rs = [], []
+        for n, (calls, h, valid) in enumerate(self.chunks):
             seen: dict[str, Tensor] = {}
             specs = [
                 (blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])),
                 (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
             ]
             with hooks(specs):
-                h = run_block(blk, h, calls.calls[blk.index])
-            per["o"][blk.index].append(seen["o"][valid])
-            per["r"][blk.index].append(seen["r"][valid])
-    return _Targets([torch.cat(x) for x in per["o"]], [torch.cat(x) for x in per["r"]])
+                h = run_block(blk, h, calls[blk.index])
+            self.chunks[n] = (calls, h, valid)
+            os.append(seen["o"][valid])
+            rs.append(seen["r"][valid])
+        return torch.cat(os), torch.cat(rs)
 
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
@@ -431,7 +434,7 @@ def condense(
     heads, head_dim = head_shape(model)
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
-    targets = _prompted_targets(model, blks, pairs, cfg.batch_size)
+    prompted = _Prompted(model, pairs, cfg.batch_size)
     chunks = _free_chunks(model, pairs, skip, cfg.batch_size)
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
@@ -439,6 +442,7 @@ def condense(
     ridges: list[float] = []
     for blk in blks:
         i = blk.index
+        targets = prompted.step(blk)
         if i in fit_layers:
             lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges)
             patch.layers[i] = lp.scaled(cfg.strength)
@@ -476,7 +480,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), (blk.mlp_norm, "fwd", grab_r)]
 
     _run_free(blk, chunks, pos, tap)
-    r_c = targets.r[i]
+    o_c, r_c = targets
     h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
@@ -485,7 +489,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
     lp = LayerPatch()
     if cfg.attn != "none":
         o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
-        oc = targets.o[i][keep].unflatten(-1, (heads, head_dim))
+        oc = o_c[keep].unflatten(-1, (heads, head_dim))
         x = _gather(chunks, "x", seen)[keep] if (cfg.attn_query or cfg.attn_gate) else None
         groups = torch.cat([torch.full((int(ch.query.sum()),), n) for n, ch in enumerate(chunks)])[keep.cpu()]
         ridge = cfg.attn_ridge
