@@ -47,7 +47,19 @@ class Architecture:
     mlp_out: str = "mlp.down_proj"
     post_mlp_norm: str | None = None
     transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
-    mlp_bias_flag: str | None = "mlp_bias"  # config flag that gives the down projection a bias
+    # Biases a baked patch may need (``o_proj`` for the attention map's constant part and ``attn_out`` vectors,
+    # the down projection for ``skip`` vectors): a config flag that gives every module of its group a bias,
+    # "always" where the modules always have one, or None where the family has no bias there.
+    attn_bias_flag: str | None = "attention_bias"
+    attn_bias_modules: tuple[str, ...] = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    )
+    mlp_bias_flag: str | None = "mlp_bias"
+    mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
 
     @property
     def branch(self) -> str:
@@ -67,16 +79,17 @@ _SANDWICH = dict(
     post_mlp_norm="post_feedforward_layernorm",
     mlp_bias_flag=None,
 )
+_NO_BIAS = dict(attn_bias_flag=None, mlp_bias_flag=None)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama",)),
-    Architecture("mistral", ("mistral",), mlp_bias_flag=None),
-    Architecture("qwen2", ("qwen2",), mlp_bias_flag=None),
+    Architecture("mistral", ("mistral",), **_NO_BIAS),
+    Architecture("qwen2", ("qwen2",), **_NO_BIAS),  # q, k, v always have biases, o_proj never
     Architecture("qwen3", ("qwen3",), mlp_bias_flag=None),
     Architecture("gemma", ("gemma",), mlp_bias_flag=None),
     Architecture("gemma2", ("gemma2",), **_SANDWICH),
     Architecture("gemma3", ("gemma3_text",), **_SANDWICH),
-    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",), mlp_bias_flag=None),
+    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",), **_NO_BIAS),
     Architecture(
         "gpt2",
         ("gpt2",),
@@ -89,7 +102,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_inputs=("mlp.c_fc",),
         mlp_out="mlp.c_proj",
         transposed=True,
-        mlp_bias_flag=None,  # c_proj always has a bias
+        attn_bias_flag="always",
+        mlp_bias_flag="always",
+        config_names=(("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head")),
     ),
 )
 

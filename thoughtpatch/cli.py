@@ -425,14 +425,23 @@ def inspect(
 @app.command(
     epilog="Examples:\n\n"
     '  thoughtpatch apply french.safetensors --prompt "Where is the station?"\n\n'
+    "  thoughtpatch apply french.safetensors polite.safetensors --save ./smollm2-french\n\n"
     '  thoughtpatch merge a.safetensors b.safetensors -o - | thoughtpatch apply - --prompt "Hi"'
 )
 def apply(
-    patch_file: Annotated[str, typer.Argument(help="Patch file (- for stdin).")],
+    patch_files: Annotated[
+        list[str], typer.Argument(help="Patch files, installed together in this order (- for stdin).")
+    ],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message; repeat for a batch.")] = None,
+    save: Annotated[
+        str | None,
+        typer.Option(
+            help="Write a checkpoint with the patches baked in to this new folder (loads without thoughtpatch)."
+        ),
+    ] = None,
     model: Model = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
-    scale: Annotated[float, typer.Option(help="Multiply the patch by this.")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Multiply the patches by this.")] = 1.0,
     chat: Chat = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
@@ -440,21 +449,63 @@ def apply(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Generate with a patch installed (greedy), the chat template applied as for any user turn."""
-    from .pipeline import run_generate
-
+    """Generate with patches installed (greedy, the chat template applied as for any user turn), or bake them
+    into a new checkpoint with --save."""
     _setup(quiet)
-    if not prompt:
-        raise UsageError("give at least one --prompt")
+    if bool(prompt) == bool(save):
+        raise UsageError("give --prompt (generate with the patches in memory) or --save DIR (bake them), one of them")
+    if patch_files.count("-") > 1:
+        raise UsageError("only one patch can come from stdin (-)")
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    patch = _read_patch(patch_file)
-    lm = _load(model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}")
-    answers = run_generate(lm, patch, prompt, max_new_tokens=max_new_tokens, scale=scale, chat=chat)
+    read = [_read_patch_bytes(f) for f in patch_files]
+    patches = [p for p, _ in read]
+    base = model or patches[0].meta.get("base_model")
+    if save:
+        _bake(patch_files, read, base, save, scale, device, json_out)
+        return
+    from .pipeline import run_generate
+
+    lm = _load(base, dtype, device, patches[0].meta, f"patch {patch_files[0]}")
+    for f, p in zip(patch_files[1:], patches[1:], strict=True):
+        from .formats import check_fingerprint
+
+        check_fingerprint(p.meta, lm.model.config, f"patch {f}")
+    answers = run_generate(lm, patches, prompt, max_new_tokens=max_new_tokens, scale=scale, chat=chat)
     if json_out:
         _emit_json({"answers": [{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]})
     else:
         sys.stdout.write("\n".join(answers) + "\n")
+
+
+def _read_patch_bytes(path: str):
+    """A patch and the sha256 of its file's bytes."""
+    import hashlib
+
+    from .files import read_bytes
+    from .patch import patch_from_bytes
+
+    data = read_bytes(path, "patch")
+    return patch_from_bytes(data, f"patch {path}"), hashlib.sha256(data).hexdigest()
+
+
+def _bake(files: list[str], read: list, base: str | None, save: str, scale: float, device: str, json_out: bool):
+    from pathlib import Path
+
+    from .bake import bake_checkpoint, config_view, patch_record
+    from .formats import check_fingerprint
+    from .models import DEFAULT_MODEL, default_model_dir, resolve_device
+
+    folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    config = config_view(folder)
+    records, patches = [], []
+    for f, (p, sha) in zip(files, read, strict=True):
+        check_fingerprint(p.meta, config, f"patch {f}")
+        patches.append(p.scaled(scale) if scale != 1.0 else p)
+        records.append(patch_record(p, "stdin" if f == "-" else Path(f).name, sha, scale))
+    log(f"baking {len(patches)} patch(es) into {folder} -> {save}")
+    summary = bake_checkpoint(folder, save, patches, records, device=str(resolve_device(device)), log=log)
+    _report(summary, json_out, None, "baked checkpoint")
 
 
 @app.command(

@@ -1,0 +1,473 @@
+"""Bake patches into a checkpoint that loads with plain ``transformers`` (``apply --save``).
+
+Every bakeable part folds exactly into standard weights. Per block, with ``W`` in the ``(out, in)`` layout
+(GPT-2's Conv1D stores the transpose) and ``c`` a bias:
+
+* attention map ``D`` (per head) and its constant ``b`` at the input of ``o_proj``: ``W_o <- W_o (I + D)``,
+  ``c_o <- c_o + W_o b``;
+* thought vector ``v``: ``attn_out`` adds to ``c_o`` (where no norm follows the attention), ``skip`` to the
+  down projection's bias (where no norm follows the MLP);
+* thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)``.
+
+Patches installed together run in order (the first patch's hook first), so they fold last to first:
+the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float64 and is cast back to each
+tensor's dtype. Biases a family only has behind a config flag are created (zeros where the patch puts
+nothing) and the flag is turned on; a family without such a flag refuses, as do query-dependent parts
+and patches that leave leading tokens unpatched: weights cannot express them.
+
+Streaming (:func:`bake_checkpoint`): one shard at a time, read with ``safetensors.safe_open``; bytes of the
+tensors no patch touches are copied unchanged, shards with nothing to change are copied whole, new biases
+go into their weight's shard. Everything is written into a temporary folder next to the target and
+renamed at the end, so an error or a signal leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .architectures import Architecture, architecture_for
+from .errors import UsageError
+from .patch import LayerPatch, Patch, validate_for
+
+__all__ = [
+    "BakePlan",
+    "plan_bake",
+    "bake_tensor",
+    "bake_checkpoint",
+    "model_card",
+    "config_sizes",
+    "config_view",
+    "patch_record",
+]
+
+ALTERNATIVES = "keep it in memory (thoughtpatch apply --prompt) or export it (thoughtpatch export)"
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_CHUNK = 16 << 20
+
+
+def config_sizes(config: dict, arch: Architecture) -> tuple[int, int, int, int]:
+    """(hidden size, blocks, heads, head size) from a config.json's contents."""
+    names = dict(arch.config_names)
+    try:
+        hidden, layers, heads = (
+            int(config[names.get(k, k)]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"config.json lacks a usable {exc} entry") from None
+    return hidden, layers, heads, int(config.get("head_dim") or hidden // heads)
+
+
+def config_view(folder: Path) -> SimpleNamespace:
+    """A model folder's config.json as attributes under their standard names (no ``transformers`` import)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UsageError(f"--model {folder}: no config.json there, so it is not a Hugging Face model folder")
+    config = _json(path)
+    arch = architecture_for(str(config.get("model_type", "?")))
+    return SimpleNamespace(**config, **{k: config.get(v) for k, v in arch.config_names})
+
+
+@dataclass
+class BakePlan:
+    """What baking changes: each touched tensor's role, the new zero biases and the config flags to turn on."""
+
+    layers: dict[int, list[tuple[LayerPatch, str]]]  # per block: (part, placement), last patch first
+    roles: dict[str, tuple[str, int]]  # tensor name -> (role, block)
+    new: dict[str, str] = field(default_factory=dict)  # new bias -> the weight it belongs to
+    flags: list[str] = field(default_factory=list)
+    heads: int = 1
+    head_dim: int = 1
+    transposed: bool = False
+    device: str = "cpu"
+
+
+def _refuse(what: str, i: int, part: str, why: str) -> UsageError:
+    return UsageError(f"{what}: block {i}'s {part} cannot be baked exactly ({why}); {ALTERNATIVES}")
+
+
+def plan_bake(
+    patches: list[Patch], arch: Architecture, config: dict, device: str = "cpu", names: list[str] | None = None
+) -> BakePlan:
+    """Check that every patch bakes exactly into this family's weights and say which tensors change."""
+    hidden, n_layers, heads, head_dim = config_sizes(config, arch)
+    names = names or [f"patch {k + 1}" for k in range(len(patches))]
+    need: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    for patch, what in zip(patches, names, strict=True):
+        validate_for(patch, hidden, n_layers, heads, head_dim, what)
+        if patch.skip:
+            raise UsageError(
+                f"{what} leaves its first {patch.skip} tokens unpatched, which weights cannot express; rebuild it "
+                f"with --mode bakeable or --skip 0, or {ALTERNATIVES}"
+            )
+        for i, lp in sorted(patch.layers.items()):
+            if lp.in_memory_only:
+                raise _refuse(what, i, "query-dependent attention term", "it reads the query")
+            if lp.vector is not None:
+                after = arch.post_attn_norm if patch.placement == "attn_out" else arch.post_mlp_norm
+                if after:
+                    raise _refuse(what, i, f"thought vector ({patch.placement})", f"the norm {after} follows it")
+                need["attn" if patch.placement == "attn_out" else "mlp"].add(i)
+            if lp.attn_bias is not None:
+                need["attn"].add(i)
+    plan = BakePlan(
+        {i: [(p.layers[i], p.placement) for p in reversed(patches) if i in p.layers] for i in range(n_layers)},
+        {},
+        heads=heads,
+        head_dim=head_dim,
+        transposed=arch.transposed,
+        device=device,
+    )
+    plan.layers = {i: v for i, v in plan.layers.items() if v}
+    for i, parts in plan.layers.items():
+        pre = f"{arch.layers}.{i}."
+        if any(lp.attn_weight is not None for lp, _ in parts):
+            plan.roles[pre + arch.attn_out + ".weight"] = ("o.weight", i)
+        if any(lp.matrix_a is not None for lp, _ in parts):
+            plan.roles.update({pre + m + ".weight": ("mlp_in.weight", i) for m in arch.mlp_inputs})
+    for group, flag, modules, out in (
+        ("attn", arch.attn_bias_flag, arch.attn_bias_modules, arch.attn_out),
+        ("mlp", arch.mlp_bias_flag, arch.mlp_bias_modules, arch.mlp_out),
+    ):
+        if not need[group]:
+            continue
+        if flag is None:
+            part = "attention output bias or attn_out vector" if group == "attn" else "thought vector (skip)"
+            raise _refuse("patch", min(need[group]), part, f"{arch.name} models have no bias on {out}")
+        plan.roles.update(
+            {f"{arch.layers}.{i}.{out}.bias": ("o.bias" if group == "attn" else "down.bias", i) for i in need[group]}
+        )
+        if flag != "always" and not config.get(flag):
+            plan.flags.append(flag)
+            plan.new.update(
+                {
+                    f"{arch.layers}.{i}.{m}.bias": f"{arch.layers}.{i}.{m}.weight"
+                    for i in range(n_layers)
+                    for m in modules
+                }
+            )
+    return plan
+
+
+def _times_map(w: Tensor, a: Tensor | None, heads: int, head_dim: int) -> Tensor:
+    """``W D`` for the block-diagonal per-head map ``D`` (``a``: (H, hd, hd) or a scalar per head)."""
+    if a is None:
+        return torch.zeros_like(w)
+    a = a.to(w)
+    if a.dim() == 1:
+        return w * a.repeat_interleave(head_dim)
+    return torch.einsum("ohj,hji->ohi", w.unflatten(1, (heads, head_dim)), a).flatten(1)
+
+
+def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str], Tensor]) -> Tensor:
+    """The baked value of one checkpoint tensor (``read(name)`` gives another original tensor: a bias's weight)."""
+    role = plan.roles.get(name)
+    if role is None:
+        return tensor
+    kind, i = role
+    f64 = dict(device=plan.device, dtype=torch.float64)
+    flip = plan.transposed and kind.endswith("weight")
+    x = tensor.to(**f64)
+    x = x.T if flip else x
+    w_o = None
+    if kind == "o.bias":
+        w_o = read(name.removesuffix("bias") + "weight").to(**f64)
+        w_o = w_o.T if plan.transposed else w_o
+    for lp, placement in plan.layers[i]:
+        if kind == "o.weight":
+            x = x + _times_map(x, lp.attn_weight, plan.heads, plan.head_dim)
+        elif kind == "mlp_in.weight" and lp.matrix_a is not None:
+            x = x + (x @ lp.matrix_b.to(x)) @ lp.matrix_a.to(x).T
+        elif kind == "o.bias":
+            if lp.attn_bias is not None:
+                x = x + w_o @ lp.attn_bias.to(x)
+            if lp.vector is not None and placement == "attn_out":
+                x = x + lp.vector.to(x)
+            w_o = w_o + _times_map(w_o, lp.attn_weight, plan.heads, plan.head_dim)
+        elif kind == "down.bias" and lp.vector is not None and placement == "skip":
+            x = x + lp.vector.to(x)
+    return (x.T if flip else x).to(device="cpu", dtype=tensor.dtype).contiguous()
+
+
+def model_card(records: list[dict], base: str, flags: list[str]) -> str:
+    """README.md of a baked checkpoint: which patches went in, their prompt hashes, methods and fidelity."""
+    lines = [
+        "---",
+        "tags:",
+        "- thoughtpatch",
+        "---",
+        "",
+        f"# {base} with {len(records)} thoughtpatch patch{'es' if len(records) > 1 else ''} baked in",
+        "",
+        f"Baked by thoughtpatch {__version__}: the patches below are folded exactly into the weights, so this "
+        "folder loads with `transformers.AutoModelForCausalLM.from_pretrained` and no thoughtpatch code. "
+        "`config.json` records the same under the `thoughtpatch` key.",
+        "",
+    ]
+    if flags:
+        lines += [f"Biases turned on in the config (zeros where no patch needs them): {', '.join(flags)}.", ""]
+    for n, r in enumerate(records, 1):
+        lines += [f"## Patch {n}: {r['file']}", "", "| | |", "|---|---|"]
+        for key in ("sha256", "prompt_sha256", "base_model", "scale", "placement", "parameters", "layers"):
+            lines.append(f"| {key} | {r.get(key)} |")
+        lines += [f"| method.{k} | {v} |" for k, v in sorted(r["method"].items())]
+        lines += [f"| {k} | {v} |" for k, v in sorted(r["fidelity"].items())] or ["| fidelity | not measured |"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def patch_record(patch: Patch, file: str, sha256: str, scale: float) -> dict:
+    """What a baked checkpoint records about one patch."""
+    m = patch.meta
+    return {
+        "file": file,
+        "sha256": sha256,
+        "scale": scale,
+        "prompt_sha256": m.get("prompt_sha256"),
+        "base_model": m.get("base_model"),
+        "placement": patch.placement,
+        "parameters": patch.numel(),
+        "layers": ",".join(map(str, sorted(patch.layers))),
+        "method": {k.removeprefix("method."): v for k, v in m.items() if k.startswith("method.")},
+        "fidelity": {k: v for k, v in m.items() if k.startswith("fidelity")},
+        "tool_version": m.get("tool_version"),
+    }
+
+
+# ---- I/O: streaming a checkpoint ----------------------------------------------------------------------------
+
+
+def _json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return doc
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A shard's header and where its data starts, after ``safe_open`` has checked the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return json.loads(fh.read(n)), 8 + n
+    except Exception as exc:  # safetensors raises its own error types
+        raise UsageError(f"{path}: corrupt safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _shard_map(src: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, for a single ``model.safetensors`` or an index."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        wm = _json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise UsageError(f"{index}: no weight_map")
+        return wm
+    if (src / "model.safetensors").is_file():
+        return dict.fromkeys(_header(src / "model.safetensors")[0].keys() - {"__metadata__"}, "model.safetensors")
+    raise UsageError(f"{src}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints bake)")
+
+
+def _check_target(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise UsageError(f"--save {dst}: inside the model folder {src}; choose a folder outside it")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UsageError(f"--save {dst}: already exists; choose a new folder or remove it")
+    if not d.parent.is_dir():
+        raise UsageError(f"--save {dst}: folder {d.parent} does not exist")
+
+
+def _check_shapes(plan: BakePlan, headers: dict[str, dict], hidden: int) -> None:
+    """Every tensor baking reads exists, with the sizes the config promises."""
+    for name in sorted({*plan.roles, *plan.new.values()}):
+        src = plan.new.get(name, name)
+        if src not in headers:
+            raise UsageError(f"checkpoint has no tensor {src!r}")
+        h = headers[src]
+        kind = plan.roles.get(name, ("", 0))[0]
+        want = {"o.weight": plan.heads * plan.head_dim, "mlp_in.weight": hidden}.get(kind, hidden)
+        got = h["shape"][0 if plan.transposed else -1] if kind.endswith("weight") else h["shape"][0]
+        if h["dtype"] not in _DTYPES or (kind and got != want):
+            raise UsageError(
+                f"checkpoint tensor {src!r} is {h['dtype']} {h['shape']}; baking needs a float with {want} there"
+            )
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt, so cleanup runs as it does for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _copy_range(fin, fout, start: int, length: int) -> None:
+    fin.seek(start)
+    while length > 0:
+        buf = fin.read(min(_CHUNK, length))
+        if not buf:
+            raise UsageError(f"{fin.name}: file ends early")
+        fout.write(buf)
+        length -= len(buf)
+
+
+def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan, adds: list[str], headers, read) -> int:
+    """Rewrite one shard: untouched bytes copied, touched tensors baked, ``adds`` (new biases) appended."""
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    end = max((header[k]["data_offsets"][1] for k in names), default=0)
+    new_header, pos = dict(header), end
+    new_tensors = {}
+    for name in adds:
+        w = headers[plan.new[name]]
+        t = bake_tensor(name, torch.zeros(w["shape"][0], dtype=_DTYPES[w["dtype"]]), plan, read)
+        new_tensors[name] = t
+        n = t.numel() * t.element_size()
+        new_header[name] = {"dtype": w["dtype"], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    head = json.dumps(new_header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(src, "rb") as fin, open(out, "wb") as fout:
+        fout.write(struct.pack("<Q", len(head)) + head)
+        done = 0  # data bytes copied or written so far
+        for name in names:
+            a, b = header[name]["data_offsets"]
+            if name not in plan.roles:
+                continue
+            _copy_range(fin, fout, start + done, a - done)
+            t = bake_tensor(name, read(name), plan, read)
+            fout.write(t.reshape(-1).view(torch.uint8).numpy())
+            done = b
+        _copy_range(fin, fout, start + done, end - done)
+        for t in new_tensors.values():
+            fout.write(t.reshape(-1).view(torch.uint8).numpy())
+        fout.flush()
+        os.fsync(fout.fileno())
+    return pos - end
+
+
+def bake_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    patches: list[Patch],
+    records: list[dict],
+    *,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Write ``src`` with ``patches`` baked in to the new folder ``dst``; returns a summary."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise UsageError(f"--model {src}: no config.json there, so it is not a Hugging Face model folder")
+    _check_target(src, dst)
+    config = _json(src / "config.json")
+    arch = architecture_for(str(config.get("model_type", "?")))
+    plan = plan_bake(patches, arch, config, device, [r["file"] for r in records])
+    shard_of = _shard_map(src)
+    files = sorted(set(shard_of.values()))
+    for f in files:
+        if "/" in f or not (src / f).is_file():
+            raise UsageError(f"{src}: shard {f!r} named in the index is missing")
+    parsed = {f: _header(src / f) for f in files}
+    headers = {k: v for f in files for k, v in parsed[f][0].items() if k != "__metadata__"}
+    _check_shapes(plan, headers, config_sizes(config, arch)[0])
+    with _signals_raise():
+        tmp = Path(tempfile.mkdtemp(dir=dst.resolve().parent, prefix=f".{dst.name}.", suffix=".partial"))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _write_all(src, tmp, config, plan, records, shard_of, parsed, headers, log)
+            os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    summary = {"output": str(dst), "shards": len(parsed), "tensors_changed": len(plan.roles)}
+    return summary | {"biases_added": len(plan.new), "flags_turned_on": plan.flags}
+
+
+def _write_all(src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log) -> None:
+    """Every shard (one at a time), then the config, index, model card and the folder's other files."""
+    from safetensors import safe_open
+
+    added = 0
+    with ExitStack() as stack:
+        opened: dict[str, object] = {}
+
+        def read(name: str) -> Tensor:
+            f = shard_of[name]
+            if f not in opened:
+                opened[f] = stack.enter_context(safe_open(str(src / f), "pt"))
+            return opened[f].get_tensor(name)
+
+        for f, (header, start) in parsed.items():
+            adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
+            if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
+                shutil.copyfile(src / f, tmp / f)
+                continue
+            if log:
+                log(f"baking {f}")
+            added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, read)
+    record = {"tool_version": __version__, "patches": records, "biases_turned_on": plan.flags}
+    _finish(src, tmp, config, plan, record, shard_of, added, list(parsed))
+
+
+def _finish(
+    src: Path, tmp: Path, config: dict, plan: BakePlan, record: dict, shard_of: dict, added: int, files
+) -> None:
+    """Config, index, model card and the folder's other files (weights in other formats are left out)."""
+    config = dict(config, **dict.fromkeys(plan.flags, True), thoughtpatch=record)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        doc = _json(index)
+        doc["weight_map"] = dict(sorted({**shard_of, **{n: shard_of[w] for n, w in plan.new.items()}}.items()))
+        meta = doc.setdefault("metadata", {})
+        if "total_size" in meta:
+            meta["total_size"] = int(meta["total_size"]) + added
+        (tmp / index.name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    base = str(record["patches"][0].get("base_model") or src.name)
+    (tmp / "README.md").write_text(model_card(record["patches"], base, plan.flags))
+    done = {"config.json", "README.md", index.name, *files}
+    for p in sorted(src.iterdir()):
+        if p.name in done or p.name.startswith(".") or p.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name)
+        else:
+            shutil.copyfile(p, tmp / p.name)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
