@@ -503,7 +503,7 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
         check_fingerprint(p.meta, config, f"patch {f}")
         patches.append(p.scaled(scale) if scale != 1.0 else p)
         records.append(patch_record(p, "stdin" if f == "-" else Path(f).name, sha, scale))
-    log(f"baking {len(patches)} patch(es) into {folder} -> {save}")
+    log(f"baking {len(patches)} patch(es) into a copy of {folder.name}: {save}")
     summary = bake_checkpoint(folder, save, patches, records, device=str(resolve_device(device)), log=log)
     _report(summary, json_out, None, "baked checkpoint")
 
@@ -563,6 +563,8 @@ def main() -> None:
     debug = "--debug" in sys.argv or bool(os.environ.get("THOUGHTPATCH_DEBUG"))
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C (and SIGTERM where a command maps it) into this code
+            err.print("thoughtpatch: interrupted", markup=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -1,0 +1,285 @@
+"""Baked checkpoints (apply --save): equal to the in-memory hooks, streamed, refused where inexact, atomic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from conftest import run_cli
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from thoughtpatch.apply import installed
+from thoughtpatch.bake import bake_checkpoint, patch_record
+from thoughtpatch.engine import eos_ids, greedy
+from thoughtpatch.errors import UsageError
+from thoughtpatch.files import write_bytes
+from thoughtpatch.patch import LayerPatch, Patch, patch_to_bytes
+from thoughtpatch.prompts import free_ids
+
+# What each family can bake, from its transformers modules (not from thoughtpatch's declarations):
+# a bias on o_proj (attn.bias, attn_out vectors) and on the down projection (skip vectors), and whether a
+# norm follows the attention / the MLP (then a vector there cannot bake at all).
+CAN = {
+    "llama": {"attn_bias", "skip", "attn_out"},
+    "mistral": set(),
+    "qwen2": set(),
+    "qwen3": {"attn_bias", "attn_out"},
+    "gemma": {"attn_bias", "attn_out"},
+    "gemma2": {"attn_bias"},
+    "gemma3": {"attn_bias"},
+    "gpt2": {"attn_bias", "skip", "attn_out"},
+    "phi3": set(),
+}
+H, HD, D, L = 4, 8, 32, 3
+IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
+
+
+def make_patch(seed: int, parts: set[str], placement: str = "skip", scalar: bool = False, skip: int = 0) -> Patch:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.1):
+        return torch.randn(*shape, generator=g) * s
+
+    layers = {}
+    for i in range(L):
+        lp = LayerPatch()
+        if "attn" in parts:
+            lp.attn_weight = r(H, s=0.3) if scalar else r(H, HD, HD, s=0.15)
+        if "attn_bias" in parts:
+            lp.attn_bias = r(H * HD, s=0.5)
+        if "vector" in parts:
+            lp.vector = r(D, s=0.5)
+        if "matrix" in parts:
+            lp.matrix_a, lp.matrix_b = r(D, 2, s=0.3), r(D, 2, s=0.3)
+        if "query" in parts:
+            lp.attn_query = r(H * HD, D)
+        layers[i] = lp
+    meta = {"prompt_sha256": f"{seed:064d}", "method.mode": "test", "fidelity.kl": "0.05"}
+    return Patch(layers, placement, skip, meta)
+
+
+def patches_for(family: str) -> list[Patch]:
+    """Two patches with every part the family bakes (the second with scalar head maps)."""
+    can = CAN[family]
+    first = {"attn", "matrix"} | ({"attn_bias"} & can)
+    placement = "attn_out" if "attn_out" in can else "skip"
+    if placement in can:
+        first.add("vector")
+    second = {"attn", "matrix"} | ({"vector"} if "skip" in can else set())
+    return [make_patch(1, first, placement), make_patch(2, second, "skip", scalar=True)]
+
+
+def records(patches):
+    return [patch_record(p, f"p{k}.safetensors", "0" * 64, 1.0) for k, p in enumerate(patches)]
+
+
+def logits(folder_or_model, patches=()):
+    model = folder_or_model
+    if isinstance(model, Path):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad(), installed(model, list(patches)):
+        return model(input_ids=torch.tensor(IDS)).logits
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_baked_checkpoint_equals_in_memory(family, tiny_dir, tmp_path):
+    src = tiny_dir(family)
+    patches = patches_for(family)
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, plain = logits(base, patches), logits(base)
+    out = tmp_path / "baked"
+    bake_checkpoint(src, out, patches, records(patches))
+    got = logits(out)  # plain transformers: no thoughtpatch code involved in loading or running
+    scale = want.abs().max()
+    assert (plain - want).abs().max() > 0.05 * scale  # the patches change the model
+    assert (got - want).abs().max() <= 1e-4 * scale
+    cfg = json.loads((out / "config.json").read_text())
+    assert [p["file"] for p in cfg["thoughtpatch"]["patches"]] == ["p0.safetensors", "p1.safetensors"]
+    assert base.state_dict().keys() <= AutoModelForCausalLM.from_pretrained(out).state_dict().keys()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3"])
+def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
+    src = tiny_dir(family)
+    refused = [make_patch(3, {"attn", "vector"}, p) for p in ("skip", "attn_out") if p not in CAN[family]] + [
+        make_patch(3, {"attn", "attn_bias"})
+    ] * ("attn_bias" not in CAN[family])
+    assert refused
+    for p in refused:
+        with pytest.raises(UsageError, match="cannot be baked exactly.*in memory.*export"):
+            bake_checkpoint(src, tmp_path / "out", [p], records([p]))
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
+
+
+def test_in_memory_only_parts_and_skipped_tokens_are_refused(tiny_dir, tmp_path):
+    src = tiny_dir("llama")
+    with pytest.raises(UsageError, match="query-dependent.*in memory"):
+        bake_checkpoint(src, tmp_path / "o", [make_patch(4, {"attn", "query"})], [{"file": "q"}])
+    with pytest.raises(UsageError, match="first 1 tokens unpatched.*--mode bakeable or --skip 0"):
+        bake_checkpoint(src, tmp_path / "o", [make_patch(4, {"attn"}, skip=1)], [{"file": "s"}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_patches_install_and_remove_bit_exact(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = logits(model)
+    assert not torch.equal(logits(model, patches_for("llama")), base)
+    assert torch.equal(logits(model), base)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tok):
+    """A tiny llama saved in many shards, and two patch files for it."""
+    d = tmp_path_factory.mktemp("sharded")
+    src = tiny.build("llama", d / "model", tok=tok)
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(src, max_shard_size="40KB")
+    (src / "model.safetensors").unlink(missing_ok=True)
+    for k, p in enumerate(patches_for("llama")):
+        write_bytes(d / f"p{k}.safetensors", patch_to_bytes(p))
+    return d, src
+
+
+def test_sharded_checkpoint_streams_and_is_deterministic(sharded, tmp_path):
+    d, src = sharded
+    before = tree(src)
+    assert sum(name.endswith(".safetensors") for name in before) >= 4
+    args = ("apply", str(d / "p0.safetensors"), str(d / "p1.safetensors"), "--model", str(src), "--scale", "0.7")
+    r1 = run_cli(*args, "--save", str(tmp_path / "a"), "--json", "-q")
+    r2 = run_cli(*args, "--save", str(tmp_path / "b"), "-q")
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr.decode()
+    summary = json.loads(r1.stdout)
+    assert summary["flags_turned_on"] == ["attention_bias", "mlp_bias"] and summary["shards"] >= 4
+    a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
+    assert a == b  # same command, same bytes
+    assert tree(src) == before  # the user's model folder is untouched
+    # shards holding nothing the patches change are copied as they are
+    shards = [n for n in a if n.endswith(".safetensors")]
+    assert {a[n] == before[n] for n in shards} == {True, False}
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    for name, shard in index["weight_map"].items():
+        with safe_open(str(tmp_path / "a" / shard), "pt") as f:
+            assert name in set(f.keys())
+    with safe_open(str(src / index["weight_map"]["model.embed_tokens.weight"]), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    assert torch.equal(baked.model.embed_tokens.weight, embed)
+    patches = [p.scaled(0.7) for p in patches_for("llama")]
+    want = logits(AutoModelForCausalLM.from_pretrained(src).eval(), patches)
+    assert (logits(baked) - want).abs().max() <= 1e-4 * want.abs().max()
+    card = (tmp_path / "a" / "README.md").read_text()
+    for text in ("p0.safetensors", "p1.safetensors", "0" * 63 + "1", "method.mode | test", "fidelity.kl | 0.05"):
+        assert text in card
+    # in memory, the same patches generate what the baked checkpoint generates
+    gen = run_cli(*args, "--prompt", "the dog", "--max-new-tokens", "6", "--no-chat", "--json", "-q")
+    assert gen.returncode == 0, gen.stderr.decode()
+    tok = tiny.tokenizer()
+    with torch.no_grad():
+        out = greedy(baked, [], [free_ids(tok, "the dog", False)], 6, eos_ids(baked, tok))[0]
+    assert json.loads(gen.stdout)["answers"][0]["answer"] == tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _corrupt(d: Path, src: Path) -> dict[str, tuple[list[str], str]]:
+    good = (d / "p0.safetensors").read_bytes()
+    (d / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    (d / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    nan = make_patch(1, {"attn"})
+    nan.layers[0].attn_weight[0, 0, 0] = float("nan")
+    write_bytes(d / "nan.safetensors", patch_to_bytes(nan))
+    wide = make_patch(1, {"vector"})
+    wide.layers[1].vector = torch.zeros(D + 1)
+    write_bytes(d / "wide.safetensors", patch_to_bytes(wide))
+    shard = sorted(src.glob("*.safetensors"))[1]
+    broken = d / "broken-model"
+    broken.mkdir(exist_ok=True)
+    for p in src.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes()[:-100] if p == shard else p.read_bytes())
+    m = ["--model", str(src)]
+    return {
+        "truncated patch": ([str(d / "trunc.safetensors"), *m], "patch"),
+        "corrupt patch": ([str(d / "junk.safetensors"), *m], "not a safetensors file"),
+        "JSON file": ([str(src / "model.safetensors.index.json"), *m], "not a safetensors file"),
+        "non-patch safetensors": ([str(shard), *m], "not a thoughtpatch patch"),
+        "NaN in a patch": ([str(d / "nan.safetensors"), *m], "NaN or Inf"),
+        "mismatched shapes": ([str(d / "wide.safetensors"), *m], "shape"),
+        "truncated model shard": ([str(d / "p0.safetensors"), "--model", str(broken)], "corrupt safetensors"),
+        "output inside the model": ([str(d / "p0.safetensors"), *m, "--save", str(src / "out")], "inside the model"),
+    }
+
+
+def _main(args: list[str], capsys) -> tuple[int, str]:
+    """The CLI's entry point in this process (the same code a subprocess runs, minus interpreter start-up)."""
+    from thoughtpatch.cli import main
+
+    old = sys.argv
+    sys.argv = ["thoughtpatch", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = old
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_bad_input_exits_2_and_touches_nothing(sharded, tmp_path, capsys):
+    d, src = sharded
+    cases = _corrupt(d, src)
+    before = tree(src)
+    for name, (args, words) in cases.items():
+        save = [] if "--save" in args else ["--save", str(tmp_path / "out")]
+        code, err = _main(["apply", *args, *save, "-q"], capsys)
+        assert code == 2, (name, err)
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+    r = run_cli("apply", *cases["NaN in a patch"][0], "--save", str(tmp_path / "out"))  # and as a real process
+    assert r.returncode == 2 and b"NaN or Inf" in r.stderr and b"Traceback" not in r.stderr
+    assert tree(src) == before
+    assert list(tmp_path.iterdir()) == []
+    assert not any(p.name.startswith(".out") for p in src.iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_killed_mid_way_leaves_nothing_and_rerun_succeeds(sig, tmp_path_factory, tok, tmp_path):
+    big = tmp_path_factory.getbasetemp() / "bigger-llama"
+    if not (big / "config.json").exists():
+        cfg = tiny.config("llama")
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim = 256, 1024, 8, 64
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(big, max_shard_size="2MB")
+        tok.save_pretrained(big)
+    g = torch.Generator().manual_seed(0)
+    patch = Patch({i: LayerPatch(vector=torch.randn(256, generator=g), matrix_a=torch.randn(256, 4, generator=g),
+                                 matrix_b=torch.randn(256, 4, generator=g)) for i in range(8)}, "skip", 0)  # fmt: skip
+    write_bytes(tmp_path / "p.safetensors", patch_to_bytes(patch))
+    out = tmp_path / "baked"
+    cmd = [sys.executable, "-m", "thoughtpatch", "apply", str(tmp_path / "p.safetensors"), "--model", str(big)]
+    proc = subprocess.Popen([*cmd, "--save", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".baked.") for p in tmp_path.iterdir()) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    assert proc.poll() is None, "baking finished before the signal could be sent"
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]  # no output, no temporary folder
+    r = run_cli(*cmd[3:], "--save", str(out), "-q")
+    assert r.returncode == 0, r.stderr.decode()
+    assert (out / "model.safetensors.index.json").is_file()
