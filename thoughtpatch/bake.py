@@ -417,28 +417,33 @@ def bake_checkpoint(
     return summary | {"biases_added": len(plan.new), "flags_turned_on": plan.flags}
 
 
-def _write_all(src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log) -> None:
-    """Every shard (one at a time), then the config, index, model card and the folder's other files."""
+def _reader(src: Path, shard_of: dict[str, str], stack: ExitStack) -> Callable[[str], Tensor]:
+    """``read(name)``: one original tensor, from its shard opened with ``safe_open`` (closed with ``stack``)."""
     from safetensors import safe_open
 
+    opened: dict[str, object] = {}
+
+    def read(name: str) -> Tensor:
+        f = shard_of[name]
+        if f not in opened:
+            opened[f] = stack.enter_context(safe_open(str(src / f), "pt"))
+        return opened[f].get_tensor(name)
+
+    return read
+
+
+def _write_all(src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log) -> None:
+    """Every shard (one at a time), then the config, index, model card and the folder's other files."""
     added = 0
-    with ExitStack() as stack:
-        opened: dict[str, object] = {}
-
-        def read(name: str) -> Tensor:
-            f = shard_of[name]
-            if f not in opened:
-                opened[f] = stack.enter_context(safe_open(str(src / f), "pt"))
-            return opened[f].get_tensor(name)
-
-        for f, (header, start) in parsed.items():
-            adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
-            if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
-                shutil.copyfile(src / f, tmp / f)
-                continue
-            if log:
-                log(f"baking {f}")
-            added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, read)
+    for f, (header, start) in parsed.items():
+        adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
+        if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
+            shutil.copyfile(src / f, tmp / f)
+            continue
+        if log:
+            log(f"baking {f}")
+        with ExitStack() as stack:  # mapped shards are closed after each shard: memory stays near one shard
+            added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, _reader(src, shard_of, stack))
     record = {"tool_version": __version__, "patches": records, "biases_turned_on": plan.flags}
     _finish(src, tmp, config, plan, record, shard_of, added, list(parsed))
 

@@ -1,0 +1,154 @@
+"""Baking a patch into a sharded checkpoint: peak memory and time against load + save_pretrained and cp.
+
+python scripts/bench_bake.py [--patch P] [--shard-size 200MB] [--repeat 1] [--json]
+
+Saves the default model (or --model) in several shards into a temporary folder, then runs, each in its own
+process and side by side: ``thoughtpatch apply --save`` (streaming), ``from_pretrained`` + the same patch
+folded into the state dict + ``save_pretrained``, and ``cp -r`` (with and without ``sync`` of the copied
+files; baking fsyncs what it writes). Peak RSS is the child's ``ru_maxrss``. Without --patch, a bakeable
+patch is built first with ``thoughtpatch transmute examples/french.txt --mode bakeable``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HF = """
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from thoughtpatch.architectures import architecture_for
+from thoughtpatch.bake import bake_tensor, plan_bake
+from thoughtpatch.patch import patch_from_bytes
+src, patch, out = sys.argv[1:]
+torch.set_grad_enabled(False)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+config = json.loads((Path(src) / "config.json").read_text())
+plan = plan_bake([patch_from_bytes(Path(patch).read_bytes())], architecture_for(config["model_type"]), config)
+sd = model.state_dict()
+baked = {k: bake_tensor(k, v, plan, sd.__getitem__) for k, v in sd.items()}
+for name, w in plan.new.items():
+    baked[name] = bake_tensor(name, torch.zeros(sd[w].shape[0], dtype=sd[w].dtype), plan, sd.__getitem__)
+for flag in plan.flags:
+    setattr(model.config, flag, True)
+model.save_pretrained(out, state_dict=baked)
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    """Run ``cmd`` in a child process (via this script) and return its wall time and peak RSS."""
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def one(cmd: list[str]) -> dict:
+    """Measure in a fresh process so that ``RUSAGE_CHILDREN`` covers this command alone."""
+    out = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cmd)], check=True, capture_output=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--patch", default=None, help="A bakeable patch for the model (default: build one).")
+    ap.add_argument("--shard-size", default="200MB")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="Where the copies go (default: a temporary folder).")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    from thoughtpatch.models import default_model_dir
+
+    py = sys.executable
+    work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-bake-"))
+    try:
+        src = work / "src"
+        model = args.model or str(default_model_dir())
+        save = (
+            "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
+            "m.save_pretrained(sys.argv[2], max_shard_size=sys.argv[3]); AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
+        )
+        subprocess.run([py, "-c", save, model, str(src), args.shard_size], check=True)
+        patch = args.patch
+        if patch is None:
+            patch = str(work / "patch.safetensors")
+            subprocess.run([py, "-m", "thoughtpatch", "transmute", "examples/french.txt", "--model", str(src),
+                            "--mode", "bakeable", "-o", patch, "-q"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        shards = sorted(src.glob("*.safetensors"))
+        subprocess.run(["cat", *map(str, shards)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache
+        runs = {
+            "thoughtpatch apply --save": lambda o: [
+                py,
+                "-m",
+                "thoughtpatch",
+                "apply",
+                patch,
+                "--model",
+                str(src),
+                "--save",
+                o,
+                "-q",
+            ],  # fmt: skip
+            "from_pretrained + patch + save_pretrained": lambda o: [py, "-c", HF, str(src), patch, o],
+            "cp -r": lambda o: ["cp", "-r", str(src), o],
+            "cp -r + sync": lambda o: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(src), o],
+        }
+        results: dict[str, list[dict]] = {k: [] for k in runs}
+        for r in range(args.repeat):
+            for name, cmd in runs.items():  # interleaved, so that machine load affects all alike
+                out = work / f"out-{r}-{len(results[name])}-{abs(hash(name)) % 1000}"
+                results[name].append(one(cmd(str(out))))
+                shutil.rmtree(out)
+        rows = {
+            k: {
+                "seconds": round(statistics.median(x["seconds"] for x in v), 2),
+                "peak_rss_mb": round(max(x["peak_rss_mb"] for x in v), 1),
+            }
+            for k, v in results.items()
+        }
+        largest = max(p.stat().st_size for p in shards) / 2**20
+        ours, cp, cps = rows["thoughtpatch apply --save"], rows["cp -r"], rows["cp -r + sync"]
+        doc = {
+            "model": model,
+            "checkpoint_mb": round(sum(p.stat().st_size for p in shards) / 2**20, 1),
+            "shards": len(shards),
+            "largest_shard_mb": round(largest, 1),
+            "repeat": args.repeat,
+            "rows": rows,
+            "rss_over_largest_shard": round(ours["peak_rss_mb"] / largest, 2),
+            "time_over_cp": round(ours["seconds"] / cp["seconds"], 2),
+            "time_over_cp_sync": round(ours["seconds"] / cps["seconds"], 2),
+            "machine": f"{platform.machine()}, {platform.python_version()}",
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"{doc['checkpoint_mb']} MB checkpoint in {doc['shards']} shards (largest {doc['largest_shard_mb']} MB), "
+          f"median of {args.repeat}\n")  # fmt: skip
+    print("| run | seconds | peak RSS (MB) | RSS / largest shard | time / cp | time / (cp + sync) |")
+    print("|---|---|---|---|---|---|")
+    for k, r in rows.items():
+        print(f"| {k} | {r['seconds']} | {r['peak_rss_mb']} | {r['peak_rss_mb'] / largest:.2f} | "
+              f"{r['seconds'] / cp['seconds']:.2f} | {r['seconds'] / cps['seconds']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
