@@ -10,14 +10,15 @@ Every bakeable part folds exactly into standard weights. Per block, with ``W`` i
 * thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)``.
 
 Patches installed together run in order (the first patch's hook first), so they fold last to first:
-the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float64 and is cast back to each
-tensor's dtype. Biases a family only has behind a config flag are created (zeros where the patch puts
+the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float32 (float64 for float64
+tensors) and is cast back to each tensor's dtype. Biases a family only has behind a config flag are created (zeros where the patch puts
 nothing) and the flag is turned on; a family without such a flag refuses, as do query-dependent parts
 and patches that leave leading tokens unpatched: weights cannot express them.
 
-Streaming (:func:`bake_checkpoint`): one shard at a time, read with ``safetensors.safe_open``; bytes of the
-tensors no patch touches are copied unchanged, shards with nothing to change are copied whole, new biases
-go into their weight's shard. Everything is written into a temporary folder next to the target and
+Streaming (:func:`bake_checkpoint`): every shard is checked with ``safetensors.safe_open`` before anything
+is written, then rewritten one at a time: bytes of the tensors no patch touches are copied unchanged (in the
+kernel), each touched tensor is read, baked and written on its own, shards with nothing to change are copied
+whole, new biases go into their weight's shard. Everything is written into a temporary folder next to the target and
 renamed at the end, so an error or a signal leaves no partial output.
 """
 
@@ -31,7 +32,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -95,6 +96,7 @@ class BakePlan:
     head_dim: int = 1
     transposed: bool = False
     device: str = "cpu"
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _refuse(what: str, i: int, part: str, why: str) -> UsageError:
@@ -171,7 +173,19 @@ def _times_map(w: Tensor, a: Tensor | None, heads: int, head_dim: int) -> Tensor
     a = a.to(w)
     if a.dim() == 1:
         return w * a.repeat_interleave(head_dim)
-    return torch.einsum("ohj,hji->ohi", w.unflatten(1, (heads, head_dim)), a).flatten(1)
+    return (w.unflatten(1, (heads, head_dim)).transpose(0, 1) @ a).transpose(0, 1).flatten(1)
+
+
+def _times_matrix(w: Tensor, lp: LayerPatch, plan: BakePlan) -> Tensor:
+    """``W B A^T``: through the factors when the rank is low, else through ``M = B A^T`` (kept for the block's
+    next MLP input matrix)."""
+    a, b = lp.matrix_a.to(w), lp.matrix_b.to(w)
+    if 2 * a.shape[1] < a.shape[0]:
+        return (w @ b) @ a.T
+    key = (id(lp), w.dtype, w.device)
+    if key not in plan.cache:
+        plan.cache = {key: b @ a.T}  # one matrix at a time
+    return w @ plan.cache[key]
 
 
 def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str], Tensor]) -> Tensor:
@@ -180,7 +194,7 @@ def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str],
     if role is None:
         return tensor
     kind, i = role
-    f64 = dict(device=plan.device, dtype=torch.float64)
+    f64 = dict(device=plan.device, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
     flip = plan.transposed and kind.endswith("weight")
     x = tensor.to(**f64)
     x = x.T if flip else x
@@ -192,7 +206,7 @@ def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str],
         if kind == "o.weight":
             x = x + _times_map(x, lp.attn_weight, plan.heads, plan.head_dim)
         elif kind == "mlp_in.weight" and lp.matrix_a is not None:
-            x = x + (x @ lp.matrix_b.to(x)) @ lp.matrix_a.to(x).T
+            x = x + _times_matrix(x, lp, plan)
         elif kind == "o.bias":
             if lp.attn_bias is not None:
                 x = x + w_o @ lp.attn_bias.to(x)
@@ -333,14 +347,24 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _copy_range(fin, fout, start: int, length: int) -> None:
-    fin.seek(start)
+def _copy_range(fin: int, fout: int, start: int, length: int) -> None:
+    """Copy ``length`` bytes at ``start`` of ``fin`` to where ``fout`` stands (in the kernel where it can)."""
     while length > 0:
-        buf = fin.read(min(_CHUNK, length))
-        if not buf:
-            raise UsageError(f"{fin.name}: file ends early")
-        fout.write(buf)
-        length -= len(buf)
+        try:
+            n = os.copy_file_range(fin, fout, min(length, 1 << 30), start)
+        except (AttributeError, OSError):  # no copy_file_range here, or not between these file systems
+            n = _write(fout, os.pread(fin, min(length, _CHUNK), start))
+        if n == 0:
+            raise UsageError("a checkpoint shard ends early")
+        start, length = start + n, length - n
+
+
+def _write(fd: int, data) -> int:
+    """Write all of ``data`` (a bytes-like object) to ``fd``."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.write(fd, view[done : done + (1 << 30)])
+    return done
 
 
 def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan, adds: list[str], headers, read) -> int:
@@ -358,22 +382,24 @@ def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan,
         pos += n
     head = json.dumps(new_header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    with open(src, "rb") as fin, open(out, "wb") as fout:
-        fout.write(struct.pack("<Q", len(head)) + head)
+    fin, fout = os.open(src, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        _write(fout, struct.pack("<Q", len(head)) + head)
         done = 0  # data bytes copied or written so far
         for name in names:
             a, b = header[name]["data_offsets"]
             if name not in plan.roles:
                 continue
             _copy_range(fin, fout, start + done, a - done)
-            t = bake_tensor(name, read(name), plan, read)
-            fout.write(t.reshape(-1).view(torch.uint8).numpy())
+            _write(fout, bake_tensor(name, read(name), plan, read).reshape(-1).view(torch.uint8).numpy())
             done = b
         _copy_range(fin, fout, start + done, end - done)
         for t in new_tensors.values():
-            fout.write(t.reshape(-1).view(torch.uint8).numpy())
-        fout.flush()
-        os.fsync(fout.fileno())
+            _write(fout, t.reshape(-1).view(torch.uint8).numpy())
+        os.fsync(fout)
+    finally:
+        os.close(fin)
+        os.close(fout)
     return pos - end
 
 
@@ -417,17 +443,21 @@ def bake_checkpoint(
     return summary | {"biases_added": len(plan.new), "flags_turned_on": plan.flags}
 
 
-def _reader(src: Path, shard_of: dict[str, str], stack: ExitStack) -> Callable[[str], Tensor]:
-    """``read(name)``: one original tensor, from its shard opened with ``safe_open`` (closed with ``stack``)."""
-    from safetensors import safe_open
-
-    opened: dict[str, object] = {}
+def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, int]]) -> Callable[[str], Tensor]:
+    """``read(name)``: one original tensor, read into its own memory (freed once baked; no mapped shard grows)."""
 
     def read(name: str) -> Tensor:
         f = shard_of[name]
-        if f not in opened:
-            opened[f] = stack.enter_context(safe_open(str(src / f), "pt"))
-        return opened[f].get_tensor(name)
+        header, start = parsed[f]
+        h = header[name]
+        a, b = h["data_offsets"]
+        buf = bytearray(b - a)
+        with open(src / f, "rb") as fh:
+            fh.seek(start + a)
+            if fh.readinto(buf) != len(buf):
+                raise UsageError(f"{src / f}: ends early")
+        dtype = _DTYPES[h["dtype"]]
+        return torch.frombuffer(buf, dtype=dtype).reshape(h["shape"]) if buf else torch.zeros(h["shape"], dtype=dtype)
 
     return read
 
@@ -442,8 +472,7 @@ def _write_all(src: Path, tmp: Path, config: dict, plan: BakePlan, records, shar
             continue
         if log:
             log(f"baking {f}")
-        with ExitStack() as stack:  # mapped shards are closed after each shard: memory stays near one shard
-            added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, _reader(src, shard_of, stack))
+        added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, _reader(src, shard_of, parsed))
     record = {"tool_version": __version__, "patches": records, "biases_turned_on": plan.flags}
     _finish(src, tmp, config, plan, record, shard_of, added, list(parsed))
 

@@ -136,6 +136,17 @@ def test_in_memory_only_parts_and_skipped_tokens_are_refused(tiny_dir, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_baking_on_cuda_equals_cpu(tiny_dir, tmp_path):
+    src, patches = tiny_dir("gpt2"), patches_for("gpt2")
+    for device in ("cpu", "cuda"):
+        bake_checkpoint(src, tmp_path / device, patches, records(patches), device=device)
+    for f in (tmp_path / "cpu").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as a, safe_open(str(tmp_path / "cuda" / f.name), "pt") as b:
+            for k in a.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=1e-6, atol=1e-6)
+
+
 def test_several_patches_install_and_remove_bit_exact(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.float32).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -157,14 +168,29 @@ def sharded(tmp_path_factory, tok):
     return d, src
 
 
-def test_sharded_checkpoint_streams_and_is_deterministic(sharded, tmp_path):
+def _main(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI's entry point in this process (the same code a subprocess runs, minus interpreter start-up)."""
+    from thoughtpatch.cli import main
+
+    old = sys.argv
+    sys.argv = ["thoughtpatch", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_sharded_checkpoint_streams_and_is_deterministic(sharded, tmp_path, capsys):
     d, src = sharded
     before = tree(src)
     assert sum(name.endswith(".safetensors") for name in before) >= 4
     args = ("apply", str(d / "p0.safetensors"), str(d / "p1.safetensors"), "--model", str(src), "--scale", "0.7")
     r1 = run_cli(*args, "--save", str(tmp_path / "a"), "--json", "-q")
-    r2 = run_cli(*args, "--save", str(tmp_path / "b"), "-q")
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr.decode()
+    code, _, err = _main([*args, "--save", str(tmp_path / "b"), "-q"], capsys)  # the same command again
+    assert r1.returncode == 0 and code == 0, r1.stderr.decode() + err
     summary = json.loads(r1.stdout)
     assert summary["flags_turned_on"] == ["attention_bias", "mlp_bias"] and summary["shards"] >= 4
     a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
@@ -188,12 +214,12 @@ def test_sharded_checkpoint_streams_and_is_deterministic(sharded, tmp_path):
     for text in ("p0.safetensors", "p1.safetensors", "0" * 63 + "1", "method.mode | test", "fidelity.kl | 0.05"):
         assert text in card
     # in memory, the same patches generate what the baked checkpoint generates
-    gen = run_cli(*args, "--prompt", "the dog", "--max-new-tokens", "6", "--no-chat", "--json", "-q")
-    assert gen.returncode == 0, gen.stderr.decode()
+    code, out, err = _main([*args, "--prompt", "the dog", "--max-new-tokens", "6", "--no-chat", "--json", "-q"], capsys)
+    assert code == 0, err
     tok = tiny.tokenizer()
     with torch.no_grad():
-        out = greedy(baked, [], [free_ids(tok, "the dog", False)], 6, eos_ids(baked, tok))[0]
-    assert json.loads(gen.stdout)["answers"][0]["answer"] == tok.decode(out, skip_special_tokens=True).strip()
+        ids = greedy(baked, [], [free_ids(tok, "the dog", False)], 6, eos_ids(baked, tok))[0]
+    assert json.loads(out)["answers"][0]["answer"] == tok.decode(ids, skip_special_tokens=True).strip()
 
 
 def _corrupt(d: Path, src: Path) -> dict[str, tuple[list[str], str]]:
@@ -206,6 +232,7 @@ def _corrupt(d: Path, src: Path) -> dict[str, tuple[list[str], str]]:
     wide = make_patch(1, {"vector"})
     wide.layers[1].vector = torch.zeros(D + 1)
     write_bytes(d / "wide.safetensors", patch_to_bytes(wide))
+    write_bytes(d / "query.safetensors", patch_to_bytes(make_patch(1, {"attn", "query"})))
     shard = sorted(src.glob("*.safetensors"))[1]
     broken = d / "broken-model"
     broken.mkdir(exist_ok=True)
@@ -220,22 +247,9 @@ def _corrupt(d: Path, src: Path) -> dict[str, tuple[list[str], str]]:
         "NaN in a patch": ([str(d / "nan.safetensors"), *m], "NaN or Inf"),
         "mismatched shapes": ([str(d / "wide.safetensors"), *m], "shape"),
         "truncated model shard": ([str(d / "p0.safetensors"), "--model", str(broken)], "corrupt safetensors"),
+        "query-dependent patch": ([str(d / "query.safetensors"), *m], "cannot be baked exactly"),
         "output inside the model": ([str(d / "p0.safetensors"), *m, "--save", str(src / "out")], "inside the model"),
     }
-
-
-def _main(args: list[str], capsys) -> tuple[int, str]:
-    """The CLI's entry point in this process (the same code a subprocess runs, minus interpreter start-up)."""
-    from thoughtpatch.cli import main
-
-    old = sys.argv
-    sys.argv = ["thoughtpatch", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = old
-    return exit_.value.code, capsys.readouterr().err
 
 
 def test_bad_input_exits_2_and_touches_nothing(sharded, tmp_path, capsys):
@@ -244,7 +258,7 @@ def test_bad_input_exits_2_and_touches_nothing(sharded, tmp_path, capsys):
     before = tree(src)
     for name, (args, words) in cases.items():
         save = [] if "--save" in args else ["--save", str(tmp_path / "out")]
-        code, err = _main(["apply", *args, *save, "-q"], capsys)
+        code, _, err = _main(["apply", *args, *save, "-q"], capsys)
         assert code == 2, (name, err)
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
     r = run_cli("apply", *cases["NaN in a patch"][0], "--save", str(tmp_path / "out"))  # and as a real process
