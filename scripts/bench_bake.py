@@ -5,7 +5,8 @@ python scripts/bench_bake.py [--patch P] [--shard-size 200MB] [--repeat 1] [--js
 Saves the default model (or --model) in several shards into a temporary folder, then runs, each in its own
 process and side by side: ``thoughtpatch apply --save`` (streaming), ``from_pretrained`` + the same patch
 folded into the state dict + ``save_pretrained``, and ``cp -r`` (with and without ``sync`` of the copied
-files; baking fsyncs what it writes). Peak RSS is the child's ``ru_maxrss``. Without --patch, a bakeable
+files; baking fsyncs what it writes), plus the interpreter's start-up alone (the fixed part of the first
+two). Peak RSS is the child's ``ru_maxrss``. Without --patch, a bakeable
 patch is built first with ``thoughtpatch transmute examples/french.txt --mode bakeable``.
 """
 
@@ -107,6 +108,12 @@ def main() -> None:
             ],  # fmt: skip
             "from_pretrained + patch + save_pretrained": lambda o: [py, "-c", HF, str(src), patch, o],
             "cp -r": lambda o: ["cp", "-r", str(src), o],
+            "start-up alone (python, thoughtpatch.cli, torch)": lambda o: [
+                py,
+                "-c",
+                "import thoughtpatch.cli, torch; import os; os.mkdir(os.sys.argv[1])",
+                o,
+            ],
             "cp -r + sync": lambda o: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(src), o],
         }
         results: dict[str, list[dict]] = {k: [] for k in runs}

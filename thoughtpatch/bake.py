@@ -109,7 +109,7 @@ def plan_bake(
     """Check that every patch bakes exactly into this family's weights and say which tensors change."""
     hidden, n_layers, heads, head_dim = config_sizes(config, arch)
     names = names or [f"patch {k + 1}" for k in range(len(patches))]
-    need: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    need: dict[str, dict[int, str]] = {"attn": {}, "mlp": {}}  # biases needed: block -> the patch needing it
     for patch, what in zip(patches, names, strict=True):
         validate_for(patch, hidden, n_layers, heads, head_dim, what)
         if patch.skip:
@@ -124,9 +124,9 @@ def plan_bake(
                 after = arch.post_attn_norm if patch.placement == "attn_out" else arch.post_mlp_norm
                 if after:
                     raise _refuse(what, i, f"thought vector ({patch.placement})", f"the norm {after} follows it")
-                need["attn" if patch.placement == "attn_out" else "mlp"].add(i)
+                need["attn" if patch.placement == "attn_out" else "mlp"].setdefault(i, what)
             if lp.attn_bias is not None:
-                need["attn"].add(i)
+                need["attn"].setdefault(i, what)
     plan = BakePlan(
         {i: [(p.layers[i], p.placement) for p in reversed(patches) if i in p.layers] for i in range(n_layers)},
         {},
@@ -150,7 +150,8 @@ def plan_bake(
             continue
         if flag is None:
             part = "attention output bias or attn_out vector" if group == "attn" else "thought vector (skip)"
-            raise _refuse("patch", min(need[group]), part, f"{arch.name} models have no bias on {out}")
+            i = min(need[group])
+            raise _refuse(need[group][i], i, part, f"{arch.name} models have no bias on {out}")
         plan.roles.update(
             {f"{arch.layers}.{i}.{out}.bias": ("o.bias" if group == "attn" else "down.bias", i) for i in need[group]}
         )
@@ -194,13 +195,13 @@ def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str],
     if role is None:
         return tensor
     kind, i = role
-    f64 = dict(device=plan.device, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    calc = dict(device=plan.device, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
     flip = plan.transposed and kind.endswith("weight")
-    x = tensor.to(**f64)
+    x = tensor.to(**calc)
     x = x.T if flip else x
     w_o = None
     if kind == "o.bias":
-        w_o = read(name.removesuffix("bias") + "weight").to(**f64)
+        w_o = read(name.removesuffix("bias") + "weight").to(**calc)
         w_o = w_o.T if plan.transposed else w_o
     for lp, placement in plan.layers[i]:
         if kind == "o.weight":

@@ -388,10 +388,7 @@ def transmute(
 
 
 def _read_patch(path: str):
-    from .files import read_bytes
-    from .patch import patch_from_bytes
-
-    return patch_from_bytes(read_bytes(path, "patch"), f"patch {path}")
+    return _read_patch_bytes(path)[0]
 
 
 @app.command(epilog="Example:\n\n  thoughtpatch inspect french.safetensors --json")
@@ -464,12 +461,11 @@ def apply(
     if save:
         _bake(patch_files, read, base, save, scale, device, json_out)
         return
+    from .formats import check_fingerprint
     from .pipeline import run_generate
 
     lm = _load(base, dtype, device, patches[0].meta, f"patch {patch_files[0]}")
     for f, p in zip(patch_files[1:], patches[1:], strict=True):
-        from .formats import check_fingerprint
-
         check_fingerprint(p.meta, lm.model.config, f"patch {f}")
     answers = run_generate(lm, patches, prompt, max_new_tokens=max_new_tokens, scale=scale, chat=chat)
     if json_out:
@@ -490,6 +486,7 @@ def _read_patch_bytes(path: str):
 
 
 def _bake(files: list[str], read: list, base: str | None, save: str, scale: float, device: str, json_out: bool):
+    """Bake the patches into a copy of the base model's folder (streamed; the model is never loaded whole)."""
     from pathlib import Path
 
     from .bake import bake_checkpoint, config_view, patch_record
