@@ -49,15 +49,16 @@ class Architecture:
     transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
     # Biases a baked patch may need (``o_proj`` for the attention map's constant part and ``attn_out`` vectors,
     # the down projection for ``skip`` vectors): a config flag that gives every module of its group a bias,
-    # "always" where the modules always have one, or None where the family has no bias there.
-    attn_bias_flag: str | None = "attention_bias"
+    # "always" where the modules always have one, or None where the family has no bias there (the default, so a
+    # new family bakes biases only once its declaration says how).
+    attn_bias_flag: str | None = None
     attn_bias_modules: tuple[str, ...] = (
         "self_attn.q_proj",
         "self_attn.k_proj",
         "self_attn.v_proj",
         "self_attn.o_proj",
     )
-    mlp_bias_flag: str | None = "mlp_bias"
+    mlp_bias_flag: str | None = None
     mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
 
@@ -77,19 +78,18 @@ _SANDWICH = dict(
     post_attn_norm="post_attention_layernorm",
     mlp_norm="pre_feedforward_layernorm",
     post_mlp_norm="post_feedforward_layernorm",
-    mlp_bias_flag=None,
+    attn_bias_flag="attention_bias",
 )
-_NO_BIAS = dict(attn_bias_flag=None, mlp_bias_flag=None)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",)),
-    Architecture("mistral", ("mistral",), **_NO_BIAS),
-    Architecture("qwen2", ("qwen2",), **_NO_BIAS),  # q, k, v always have biases, o_proj never
-    Architecture("qwen3", ("qwen3",), mlp_bias_flag=None),
-    Architecture("gemma", ("gemma",), mlp_bias_flag=None),
+    Architecture("llama", ("llama",), attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
+    Architecture("mistral", ("mistral",)),
+    Architecture("qwen2", ("qwen2",)),  # q, k, v always have biases, o_proj never
+    Architecture("qwen3", ("qwen3",), attn_bias_flag="attention_bias"),
+    Architecture("gemma", ("gemma",), attn_bias_flag="attention_bias"),
     Architecture("gemma2", ("gemma2",), **_SANDWICH),
     Architecture("gemma3", ("gemma3_text",), **_SANDWICH),
-    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",), **_NO_BIAS),
+    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",)),
     Architecture(
         "gpt2",
         ("gpt2",),
