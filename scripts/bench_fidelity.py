@@ -26,7 +26,7 @@ import torch
 from thoughtpatch import default_probes, load_model, load_probes, load_prompt
 from thoughtpatch.condense import CondenseConfig, condense
 from thoughtpatch.constants import PRESETS
-from thoughtpatch.evaluate import evaluate, targets_for, tune_caa
+from thoughtpatch.evaluate import answer_logprobs, evaluate, score, targets_for, tune_caa
 from thoughtpatch.pipeline import fit_pairs
 from thoughtpatch.prompts import align
 
@@ -120,6 +120,9 @@ def run(args) -> dict:
                 f"[{task.name}] built {name} in {build[name]:.1f}s ({patches[name].numel()} numbers)", file=sys.stderr
             )
         scores = evaluate(m, held, {"none": None, **patches})
+        if args.baked:  # bakeable patches scored again on their baked checkpoint, loaded by plain transformers
+            for name in [n for n, p in patches.items() if getattr(p, "bakeable", False)]:
+                scores[f"{name} (baked)"] = _score_baked(lm, patches[name], held)
         for name, s in scores.items():
             s["build_seconds"] = build.get(name, 0.0)
             s["share_of_model"] = s["parameters"] / n_params
@@ -129,6 +132,25 @@ def run(args) -> dict:
             )
         results["tasks"][task.name] = scores
     return results
+
+
+def _score_baked(lm, patch, held) -> dict:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from thoughtpatch.bake import bake_checkpoint, patch_record
+    from thoughtpatch.models import DEFAULT_MODEL, default_model_dir
+
+    folder = default_model_dir() if lm.model_id == DEFAULT_MODEL else Path(lm.model_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "baked"
+        bake_checkpoint(folder, dst, [patch], [patch_record(patch, "patch", "", 1.0)])
+        baked = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+        got = answer_logprobs(baked, held.prefix_free, held)
+    reference = answer_logprobs(lm.model, held.prefix_prompted, held)  # the base model with the prompt
+    s = score(reference, got, held)
+    return s.brief() | {"kl_per_query": s.kl_per_query, "positions": s.positions, "parameters": patch.numel()}
 
 
 def summarise(results: dict) -> dict[str, dict[str, float]]:
@@ -204,6 +226,8 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=8, help="Answer tokens scored (targets)")
     ap.add_argument("--fit-answer-tokens", type=int, default=16, help="Answer tokens teacher-forced in the fit probes")
     ap.add_argument("--no-caa", action="store_true")
+    ap.add_argument("--baked", action="store_true", help="Also score bakeable patches on their baked checkpoint")
+    ap.add_argument("--section", default="results", help="Marker name of the results section in --doc")
     ap.add_argument(
         "--out", default=str(ROOT / "docs" / "fidelity-results"), help="Output stem: .json, .md and .png are written"
     )
@@ -222,7 +246,7 @@ def main() -> None:
     if args.doc:  # refresh the results section of a narrative document in place
         doc = Path(args.doc)
         text = doc.read_text()
-        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        start, end = f"<!-- {args.section}:start -->", f"<!-- {args.section}:end -->"
         if start in text and end in text:
             head, rest = text.split(start, 1)
             table = f"![held-out fidelity]({out.with_suffix('.png').name})\n\n" + markdown(results)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
-from .architectures import architecture_for
+from .architectures import Architecture, architecture_for
 from .engine import (
     Block,
     StopBlock,
@@ -51,6 +51,8 @@ class CondenseConfig:
     attn: str = "full"  # per-head map of the attention output: none | scalar | full
     attn_query: bool = False  # add the query-dependent term (runs in memory only)
     attn_gate: bool = False  # add a query-dependent scale of each head's output (runs in memory only)
+    attn_bias: bool = True  # the head map's constant part
+    bakeable: bool = False  # keep to parts that fold exactly into this model family's weights
     attn_ridge_grid: tuple[float, ...] | None = None  # pick attn_ridge per block by 2-fold CV over queries
     vector: bool = True
     matrix: bool = True
@@ -80,6 +82,8 @@ class CondenseConfig:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
         if not (self.vector or self.matrix or self.attn != "none"):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
+        if self.bakeable and (self.attn_query or self.attn_gate or self.skip not in (None, 0)):
+            raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
             raise UsageError("the query-dependent attention terms need --attn scalar or full")
         if n_layers is not None and self.layers is not None:
@@ -93,6 +97,8 @@ class CondenseConfig:
             "attn": self.attn,
             "attn_query": str(self.attn_query).lower(),
             "attn_gate": str(self.attn_gate).lower(),
+            "attn_bias": str(self.attn_bias).lower(),
+            "bakeable": str(self.bakeable).lower(),
             "attn_ridge_grid": "none" if self.attn_ridge_grid is None else ",".join(map(repr, self.attn_ridge_grid)),
             "vector": str(self.vector).lower(),
             "matrix": str(self.matrix).lower(),
@@ -159,9 +165,11 @@ class Affine:
             self.n + other.n, self.sx + other.sx, self.sr + other.sr, self.sxx + other.sxx, self.srx + other.srx
         )
 
-    def fit(self, ridge: float, scalar: bool = False) -> tuple[Tensor, Tensor]:
-        """``(W, b)``; ``scalar``: ``W = s I`` per leading index (returns ``s``)."""
+    def fit(self, ridge: float, scalar: bool = False, intercept: bool = True) -> tuple[Tensor, Tensor]:
+        """``(W, b)``; ``scalar``: ``W = s I`` per leading index (returns ``s``); no ``intercept``: ``b = 0``."""
         mx, mr = self.sx / self.n, self.sr / self.n
+        if not intercept:
+            mx, mr = torch.zeros_like(mx), torch.zeros_like(mr)
         cxx = self.sxx - self.n * mx[..., :, None] * mx[..., None, :]
         crx = self.srx - self.n * mr[..., :, None] * mx[..., None, :]
         p = cxx.shape[-1]
@@ -253,7 +261,7 @@ def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig,
     gate = None
     target = oc
     for _ in range(rounds if cfg.attn_gate else 1):
-        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar)
+        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar, intercept=cfg.attn_bias)
         if not cfg.attn_gate:
             break
         linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
@@ -269,7 +277,9 @@ def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig,
         w = w[..., :head_dim]
         if cfg.attn == "scalar":
             w = torch.diagonal(w, dim1=-2, dim2=-1).mean(-1)
-    out["attn_weight"], out["attn_bias"] = w.float(), b.reshape(-1).float()
+    out["attn_weight"] = w.float()
+    if cfg.attn_bias:
+        out["attn_bias"] = b.reshape(-1).float()
     if gate is not None:
         out["attn_gate"] = gate.float()
     return out
@@ -280,7 +290,8 @@ def _predict_attention(parts: dict, o0: Tensor, x: Tensor | None) -> Tensor:
     o = o0.double()
     w = parts["attn_weight"].double()
     delta = o * w[:, None] if w.dim() == 1 else per_head(o, w)
-    delta = delta + parts["attn_bias"].double().view(heads, head_dim)
+    if "attn_bias" in parts:
+        delta = delta + parts["attn_bias"].double().view(heads, head_dim)
     if "attn_query" in parts:
         delta = delta + (x.double() @ parts["attn_query"].double().T).view(-1, heads, head_dim)
     if "attn_gate" in parts:
@@ -317,6 +328,20 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
         patch.layers[i] = lp.scaled(cfg.strength)
     patch.meta = _method_meta(cfg, energies)
     return patch
+
+
+def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
+    """A bakeable config narrowed to what folds exactly into this family's weights: a thought vector needs a
+    bias with no norm after it, the head map's constant part a bias on the attention output."""
+    if not cfg.bakeable:
+        return cfg
+    if cfg.placement == "skip":
+        vector = arch.mlp_bias_flag is not None and arch.vector_bakes
+    else:
+        vector = arch.attn_bias_flag is not None and arch.post_attn_norm is None
+    return replace(
+        cfg, vector=cfg.vector and vector, attn_bias=cfg.attn_bias and arch.attn_bias_flag is not None, skip=0
+    )
 
 
 def _skip(cfg: CondenseConfig, pairs: TokenPairs) -> int:
@@ -430,6 +455,7 @@ def condense(
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
+    cfg = for_family(cfg, architecture_for(model))
     blks = blocks(model, architecture_for(model))
     heads, head_dim = head_shape(model)
     skip = _skip(cfg, pairs)
@@ -496,7 +522,8 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         if cfg.attn_ridge_grid:
             ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))
             lp_ridge.append(ridge)
-        for k, v in fit_attention(o0, oc, x, cfg, ridge).items():
+        parts = fit_attention(o0, oc, x, cfg, ridge)
+        for k, v in parts.items():
             setattr(lp, k, v)
         if cfg.vector or cfg.matrix:  # the rest is fitted with the attention map installed
             seen.clear()

@@ -15,7 +15,9 @@ PRESETS: dict[str, CondenseConfig] = {
     # matrices on top changed nothing measurable (0.0519 vs 0.0521 mean KL) for 20M more numbers.
     "best": CondenseConfig(attn="full", attn_query=True, attn_gate=True, vector=False, matrix=False),
     # Folds into standard weights: no query-dependent part, every position patched (skip=0).
-    "bakeable": CondenseConfig(attn="full", vector=True, matrix=True, skip=0),
+    # Narrowed per family to what folds exactly (condense.for_family): no vector where a norm follows it or no
+    # bias exists, no constant where the attention output has no bias.
+    "bakeable": CondenseConfig(attn="full", vector=True, matrix=True, skip=0, bakeable=True),
     # <= 0.1% of the model's parameters: a scalar per head, the vectors and rank-2 matrices.
     "compact": CondenseConfig(attn="scalar", vector=True, matrix=True, rank=2),
 }
