@@ -540,7 +540,8 @@ def _floats(spec: str | None, what: str) -> list[float] | None:
 
 def _tables(doc: dict, title: str, to_stderr: bool) -> None:
     """A key/value table of the scalars, and one table per list of rows."""
-    out = err if to_stderr else Console(highlight=False)
+    stream = sys.stderr if to_stderr else sys.stdout
+    out = Console(file=stream, highlight=False, width=None if stream.isatty() else 240)  # pipes: no folding
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list | dict) else str(v)  # noqa: E731
     table = Table(title=title, show_header=False)
     for k, v in doc.items():
