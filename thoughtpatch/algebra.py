@@ -8,6 +8,10 @@ concatenating their factors, which lets the rank grow). Applied to a whole model
 changes block ``i+1``'s input, so ``merge(a, b)`` applied is the sum of ``a`` and ``b`` applied only to
 first order, except where a single site is patched; ``merge(a, negate(a))`` cancels exactly (every part
 sums to zero and is dropped), which leaves the base model bit for bit.
+
+Patches leave their first ``skip`` tokens unpatched; parents with different ``skip`` sum exactly only at
+positions past all of them, so the merged patch's ``skip`` must then be chosen (``--skip``; the command
+defaults to the largest, which never patches a token a parent left alone).
 """
 
 from __future__ import annotations
@@ -73,12 +77,13 @@ def _matrix(terms: list[tuple[float, LayerPatch]]) -> tuple[Tensor | None, Tenso
     return torch.cat([t.to(dtype) for t in a_parts], 1), torch.cat([t.to(dtype) for t in b_parts], 1)
 
 
-def _common(patches: list[Patch], force: bool) -> tuple[str, int]:
-    """The placement and skip every parent shares (a clear refusal where a sum cannot be exact)."""
+def _common(patches: list[Patch], force: bool, skip: int | None) -> tuple[str, int]:
+    """The placement and skip of the sum (a clear refusal where it cannot be exact)."""
     skips = {p.skip for p in patches}
-    if len(skips) > 1:
+    if len(skips) > 1 and skip is None:
         raise UsageError(
-            f"patches leave different leading tokens unpatched (skip {sorted(skips)}); their sum is not exact"
+            f"patches leave different leading tokens unpatched (skip {sorted(skips)}); their sum is exact only "
+            "past the largest: pass --skip N to choose the merged patch's skip"
         )
     with_vector = {p.placement for p in patches if any(lp.vector is not None for lp in p.layers.values())}
     if len(with_vector) > 1:
@@ -90,7 +95,7 @@ def _common(patches: list[Patch], force: bool) -> tuple[str, int]:
             f"patches were made for different base models ({', '.join(names)}): fingerprints differ; "
             "--force merges them anyway"
         )
-    return (with_vector.pop() if with_vector else patches[0].placement), skips.pop()
+    return (with_vector.pop() if with_vector else patches[0].placement), skips.pop() if skip is None else skip
 
 
 def _check_shapes(patches: list[Patch]) -> None:
@@ -112,12 +117,14 @@ def merge(
     *,
     parents: list[str] | None = None,
     force: bool = False,
+    skip: int | None = None,
 ) -> Patch:
     """``sum_i weights[i] * patches[i]``, part by part (exact per site; see the module docstring).
 
     ``parents`` (e.g. the files' sha256) are recorded with the weights in the metadata. Refuses patches made
-    for different base models unless ``force``, and parents whose sum would not be exact (different
-    ``skip``, vectors at different sites, mismatched shapes).
+    for different base models unless ``force``, and parents whose sum would not be exact (vectors at
+    different sites, mismatched shapes, different ``skip`` unless ``skip`` sets the merged patch's: the sum
+    is then exact at every position at or past each parent's own skip and ``skip``).
     """
     if not patches:
         raise UsageError("merge needs at least one patch")
@@ -126,7 +133,7 @@ def merge(
         raise UsageError(f"{len(weights)} weights for {len(patches)} patches")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError("weights must be finite numbers")
-    placement, skip = _common(patches, force)
+    placement, skip_out = _common(patches, force, skip)
     _check_shapes(patches)
     layers = {}
     for i in sorted({i for p in patches for i in p.layers}):
@@ -146,7 +153,9 @@ def merge(
         ],
         sort_keys=True,
     )
-    return Patch(layers, placement, skip, meta)
+    if skip is not None:
+        meta["merge.parent_skips"] = json.dumps([p.skip for p in patches])
+    return Patch(layers, placement, skip_out, meta)
 
 
 def recompress(patch: Patch, rank: int) -> tuple[Patch, dict]:

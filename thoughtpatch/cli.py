@@ -127,6 +127,17 @@ def _emit_json(doc: object) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def _one_stdin(*paths: str | None) -> None:
+    """At most one input may be read from stdin."""
+    if sum(p == "-" for p in paths) > 1:
+        raise UsageError("only one input can be - (stdin) per command")
+
+
+def _stdout_once(json_out: bool, output: str | None) -> None:
+    if json_out and output == "-":
+        raise UsageError("--json and -o - both want stdout; write the output to a file")
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  thoughtpatch extract examples/french.txt -o updates.safetensors --check\n\n"
@@ -162,8 +173,8 @@ def extract(
     _setup(quiet)
     if answer_tokens < 0 or batch_size < 1:
         raise UsageError("--answer-tokens must be >= 0 and --batch-size >= 1")
-    if json_out and output == "-":
-        raise UsageError("--json and -o - both want stdout; write the updates to a file")
+    _one_stdin(prompt_file, probes)
+    _stdout_once(json_out, output)
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
     lm = _load(model, dtype, device)
@@ -305,6 +316,7 @@ def condense(
     from .pipeline import run_condense
 
     _setup(quiet)
+    _stdout_once(json_out, output)
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
@@ -358,6 +370,8 @@ def transmute(
     from .prompts import load_probes, load_prompt
 
     _setup(quiet)
+    _one_stdin(prompt_file, probes)
+    _stdout_once(json_out, output)
     if bakeable and compact:
         raise UsageError("--bakeable and --compact are different modes; pick one")
     mode = "bakeable" if bakeable else "compact" if compact else mode
@@ -487,6 +501,7 @@ def eval_(
     _setup(quiet)
     if answer_tokens < 1:
         raise UsageError("--answer-tokens must be >= 1")
+    _one_stdin(patch_file, prompt_file, queries, probes)
     patch = _read_patch(patch_file)
     prompt = load_prompt(prompt_file)
     held = load_probes(queries)
@@ -508,15 +523,6 @@ def eval_(
 
 
 # ------------------------------------------------------------------------------------------ patch algebra, diffs, jobs
-def _one_stdin(*paths: str | None) -> None:
-    """At most one input may be read from stdin."""
-    if sum(p == "-" for p in paths) > 1:
-        raise UsageError("only one input can be - (stdin) per command")
-
-
-def _stdout_once(json_out: bool, output: str | None) -> None:
-    if json_out and output == "-":
-        raise UsageError("--json and -o - both want stdout; write the output to a file")
 
 
 def _read_patch_hashed(path: str):
@@ -576,6 +582,12 @@ def merge(
     ] = "concat",
     rank: Annotated[int | None, typer.Option(help="Rank for --method svd.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge patches made for different base models.")] = False,
+    skip: Annotated[
+        int | None,
+        typer.Option(
+            help="Leading tokens the merge leaves unpatched where the parents differ (default: their largest)."
+        ),
+    ] = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -592,8 +604,12 @@ def merge(
     if (method == "svd") != (rank is not None):
         raise UsageError("--method svd needs --rank K (and --rank goes with --method svd)")
     read = [_read_patch_hashed(p) for p in patch_files]
+    skips = sorted({p.skip for p, _ in read})
+    if skip is None and len(skips) > 1:
+        skip = skips[-1]
+        log(f"the patches leave {skips} leading tokens unpatched; the merge leaves {skip} (exact past them)")
     patch = merge_patches(
-        [p for p, _ in read], _floats(weights, "--weights"), parents=[h for _, h in read], force=force
+        [p for p, _ in read], _floats(weights, "--weights"), parents=[h for _, h in read], force=force, skip=skip
     )
     doc: dict = {"output": output, "parents": patch_files, "weights": _floats(weights, "--weights")}
     if method == "svd":

@@ -133,6 +133,8 @@ def test_merge_refuses_what_it_cannot_sum_exactly(lm):
     a = random_patch(lm, 8)
     with pytest.raises(UsageError, match="leading tokens"):
         merge([a, random_patch(lm, 9, skip=0)])
+    m = merge([a, random_patch(lm, 9, skip=0)], skip=1)
+    assert m.skip == 1 and json.loads(m.meta["merge.parent_skips"]) == [1, 0]
     with pytest.raises(UsageError, match="different sites"):
         merge([a, random_patch(lm, 9, placement="attn_out")])
     other = random_patch(lm, 9)
