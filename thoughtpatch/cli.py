@@ -709,6 +709,7 @@ def run_job(
     import io
     import time
     from contextlib import redirect_stdout
+    from pathlib import Path
 
     from .files import write_bytes
     from .jobs import load_job
@@ -725,6 +726,9 @@ def run_job(
         log(f"step {n}: {step.command}")
         buf, t = io.StringIO(), time.perf_counter()
         try:
+            for opt, value in zip(step.argv, step.argv[1:], strict=False):
+                if opt == "--output":  # a job's output folders are made for it
+                    Path(value).parent.mkdir(parents=True, exist_ok=True)
             with redirect_stdout(buf):
                 app([step.command, *step.argv], standalone_mode=False)
             rec |= {"status": "ok", "result": json.loads(buf.getvalue())}

@@ -15,10 +15,9 @@ patch list of ``merge`` take lists, other lists are joined with commas (``weight
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-
-import click
 
 from .errors import UsageError
 from .files import read_bytes
@@ -45,8 +44,23 @@ def _path(value: object, folder: Path, where: str) -> str:
     return str(value) if Path(str(value)).is_absolute() else str(folder / str(value))
 
 
-def _argv(cmd: click.Command, options: dict, folder: Path, where: str) -> list[str]:
+def _base(hint) -> type:
+    """``int`` for ``int | None``, ``list`` for ``list[str]``: the type a YAML value must have."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return typing.get_origin(hint) or hint if typing.get_origin(hint) is list or not args else _base(args[0])
+
+
+def _check(value: object, kind: type, at: str) -> str:
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str, int, float), list: (str, int, float)}
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, ok.get(kind, (str,))):
+        raise UsageError(f"{at}: expected {'true or false' if kind is bool else kind.__name__}, not {value!r}")
+    return str(value)
+
+
+def _argv(cmd, options: dict, folder: Path, where: str) -> list[str]:
+    """The command line for ``cmd`` (a command of the ``thoughtpatch`` app) from a step's options."""
     params = {p.name: p for p in cmd.params if p.name not in _RUNNER}
+    hints = typing.get_type_hints(cmd.callback)
     given = {str(k).replace("-", "_"): v for k, v in options.items()}
     for key in given:
         if key not in params:
@@ -56,35 +70,32 @@ def _argv(cmd: click.Command, options: dict, folder: Path, where: str) -> list[s
         raise UsageError(f"{where}: missing key {missing[0]!r}")
     positional, argv = [], []
     for key, value in given.items():
-        p, at = params[key], f"{where}.{key}"
+        p, at, kind = params[key], f"{where}.{key}", _base(hints[key])
         if value is None:
             continue
-        many = isinstance(p, click.Argument) and p.nargs == -1 or getattr(p, "multiple", False)
-        values = value if isinstance(value, list) and many else [value]
-        if isinstance(value, list) and not many:
-            values = [",".join(str(v) for v in value)]
-        if key in _PATHS and not (key == "model" and value == "default"):
-            values = [_path(v, folder, at) for v in values]
         if getattr(p, "is_flag", False):
-            if not isinstance(value, bool):
-                raise UsageError(f"{at}: expected true or false, not {value!r}")
+            _check(value, bool, at)
             flag = p.opts[0] if value else (p.secondary_opts or [None])[0]
             argv += [flag] if flag else []
             continue
-        for v in values:
-            try:
-                p.type.convert(str(v), p, None)
-            except click.BadParameter as exc:
-                raise UsageError(f"{at}: {exc.format_message()}") from None
-        if isinstance(p, click.Argument):
-            positional += [str(v) for v in values]
+        if kind is list or getattr(p, "multiple", False):
+            values = [_check(v, str, at) for v in (value if isinstance(value, list) else [value])]
+        elif isinstance(value, list):  # weights: [1, -0.5] -> "1,-0.5"
+            values = [",".join(_check(v, str, at) for v in value)]
         else:
-            argv += [x for v in values for x in (p.opts[0], str(v))]
-    return [*positional, *argv, "--json", "-q"]
+            values = [_check(value, kind, at)]
+        if key in _PATHS and not (key == "model" and value == "default"):
+            values = [_path(v, folder, at) for v in values]
+        if p.param_type_name == "argument":
+            positional += values
+        else:
+            argv += [x for v in values for x in (p.opts[0], v)]
+    runner = {p.name for p in cmd.params} & {"json_out", "quiet"}
+    return [*positional, *argv, *(["--json"] if "json_out" in runner else []), *(["-q"] if "quiet" in runner else [])]
 
 
-def load_job(path: str, commands: dict[str, click.Command]) -> list[Step]:
-    """Read and check a job file; every problem is a :class:`UsageError` naming the bad key."""
+def load_job(path: str, commands: dict) -> list[Step]:
+    """Read and check a job file against ``commands`` (name -> the app's command); errors name the bad key."""
     import yaml
 
     try:
