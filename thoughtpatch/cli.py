@@ -611,7 +611,11 @@ def merge(
     patch = merge_patches(
         [p for p, _ in read], _floats(weights, "--weights"), parents=[h for _, h in read], force=force, skip=skip
     )
-    doc: dict = {"output": output, "parents": patch_files, "weights": _floats(weights, "--weights")}
+    doc: dict = {
+        "output": output,
+        "parents": patch_files,
+        "weights": _floats(weights, "--weights") or [1.0] * len(read),
+    }
     if method == "svd":
         patch, doc["recompression"] = recompress(patch, rank)
         log(f"SVD to rank {rank}: relative error {doc['recompression']['relative_error']:.3g}")
