@@ -25,7 +25,7 @@ from torch import Tensor
 from .errors import UsageError
 from .patch import LayerPatch, Patch
 
-__all__ = ["merge", "recompress"]
+__all__ = ["merge", "recompress", "factor_svd"]
 
 _SUMMED = ("attn_bias", "attn_query", "attn_gate", "vector")
 # metadata that describes the patch as a whole and carries over to a merge (the first parent's)
@@ -158,6 +158,14 @@ def merge(
     return Patch(layers, placement, skip_out, meta)
 
 
+def factor_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U diag(s) V^T`` of ``B A^T`` from its ``(d, k)`` factors (float64, never forms the matrix)."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double())
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, qa @ vh.T
+
+
 def recompress(patch: Patch, rank: int) -> tuple[Patch, dict]:
     """Truncate every block's thought matrix ``B A^T`` to its best rank-``rank`` approximation (SVD).
 
@@ -172,14 +180,12 @@ def recompress(patch: Patch, rank: int) -> tuple[Patch, dict]:
             layers[i] = lp
             continue
         dtype = lp.matrix_a.dtype
-        qb, rb = torch.linalg.qr(lp.matrix_b.double())
-        qa, ra = torch.linalg.qr(lp.matrix_a.double())
-        u, s, vh = torch.linalg.svd(rb @ ra.T)  # M = qb (u s vh) qa^T
+        u, s, v = factor_svd(lp.matrix_a, lp.matrix_b)
         k = min(rank, int((s > 0).sum()))
         energy, lost = float((s**2).sum()), float((s[k:] ** 2).sum())
         per_block[str(i)] = math.sqrt(lost / energy) if energy else 0.0
         dropped, total = dropped + lost, total + energy
-        b, a = (qb @ u[:, :k]) * s[:k], qa @ vh[:k].T
+        b, a = u[:, :k] * s[:k], v[:, :k]
         parts = dict(vars(lp), matrix_a=a.to(dtype) if k else None, matrix_b=b.to(dtype) if k else None)
         layers[i] = LayerPatch(**parts)
     meta = dict(patch.meta)

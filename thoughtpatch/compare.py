@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .algebra import factor_svd
 from .apply import head_shape, installed
 from .architectures import architecture_for
 from .engine import blocks
@@ -27,7 +28,10 @@ RANK_TOL = 1e-5  # singular values below this share of the largest count as zero
 
 def effective_rank(m: Tensor) -> float:
     """``exp`` of the entropy of the normalised singular values (Roy and Vetterli, 2007)."""
-    s = torch.linalg.svdvals(m.double())
+    return _entropy_rank(torch.linalg.svdvals(m.double()))
+
+
+def _entropy_rank(s: Tensor) -> float:
     if not s.any():
         return 0.0
     p = s / s.sum()
@@ -35,15 +39,19 @@ def effective_rank(m: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _basis(m: Tensor) -> Tensor:
-    u, s, _ = torch.linalg.svd(m.double(), full_matrices=False)
-    return u[:, s > RANK_TOL * s[0]] if s.numel() and s[0] > 0 else u[:, :0]
+def _spaces(lp: LayerPatch | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Orthonormal bases of the spaces a thought matrix writes to and reads from, and its singular values."""
+    if lp is None or lp.matrix_a is None:
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        return empty, torch.zeros(0, dtype=torch.float64), empty
+    u, s, v = factor_svd(lp.matrix_a, lp.matrix_b)
+    keep = s > RANK_TOL * s[0] if s[0] > 0 else s < 0
+    return u[:, keep], s, v[:, keep]
 
 
-def _angles(a: Tensor, b: Tensor) -> tuple[list[float], float]:
-    """Principal angles (degrees) between the column spaces of ``a`` and ``b``, and their mean ``cos^2``."""
-    qa, qb = _basis(a), _basis(b)
-    if not qa.shape[1] or not qb.shape[1]:
+def _angles(qa: Tensor, qb: Tensor) -> tuple[list[float], float]:
+    """Principal angles (degrees) between the spans of two orthonormal bases, and their mean ``cos^2``."""
+    if not qa.numel() or not qb.numel():
         return [], 0.0
     cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
     return [round(math.degrees(math.acos(float(c))), 4) for c in cos], float((cos**2).mean())
@@ -75,18 +83,16 @@ def diff_patches(a: Patch, b: Patch) -> dict:
         if va is not None or vb is not None:
             va, vb = (v if v is not None else torch.zeros_like(va if va is not None else vb) for v in (va, vb))
             row |= {"vector_norm_a": float(va.norm()), "vector_norm_b": float(vb.norm()), "vector_cosine": _cos(va, vb)}
-        ma, mb = (None if lp is None else lp.matrix() for lp in (la, lb))
-        if ma is not None or mb is not None:
-            ma, mb = (
-                m.double() if m is not None else torch.zeros_like(ma if ma is not None else mb).double()
-                for m in (ma, mb)
-            )
-            write, write_overlap = _angles(ma, mb)
-            _, read_overlap = _angles(ma.T, mb.T)
+        if any(lp is not None and lp.matrix_a is not None for lp in (la, lb)):
+            (ua, sa, va), (ub, sb, vb) = _spaces(la), _spaces(lb)
+            ms = [lp.matrix().double() if lp is not None and lp.matrix_a is not None else None for lp in (la, lb)]
+            ma, mb = (m if m is not None else torch.zeros_like(next(x for x in ms if x is not None)) for m in ms)
+            write, write_overlap = _angles(ua, ub)
             row |= {
-                "matrix_norm_a": float(ma.norm()), "matrix_norm_b": float(mb.norm()), "matrix_rel_diff": _rel(ma, mb),
-                "effective_rank_a": effective_rank(ma), "effective_rank_b": effective_rank(mb),
-                "write_overlap": write_overlap, "read_overlap": read_overlap, "principal_angles_deg": write,
+                "matrix_norm_a": float(sa.norm()), "matrix_norm_b": float(sb.norm()),
+                "matrix_rel_diff": _rel(ma, mb),
+                "effective_rank_a": _entropy_rank(sa), "effective_rank_b": _entropy_rank(sb),
+                "write_overlap": write_overlap, "read_overlap": _angles(va, vb)[1], "principal_angles_deg": write,
             }  # fmt: skip
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
         if wa is not None or wb is not None:
