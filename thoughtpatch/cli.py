@@ -666,11 +666,17 @@ def diff(
         if prompts:
             raise UsageError("--prompts goes with a patch vs its model")
         from .formats import fingerprint
+        from .models import load_model
         from .pipeline import run_model_diff
 
         base = _load(first, dtype, device)
-        fp = {"fingerprint": json.dumps(fingerprint(base.model.config))}
-        changed = _load(second, dtype, device, fp, f"model {second} (vs {first})")
+
+        def same_shape(config) -> None:
+            ours, theirs = fingerprint(base.model.config), fingerprint(config)
+            for k in (k for k in ours if ours[k] != theirs[k]):
+                raise UsageError(f"{first} and {second} differ in {k} ({ours[k]} vs {theirs[k]}); diff needs one shape")
+
+        changed = load_model(second, dtype=dtype, device=device, log=log, check=same_shape)
         doc, patch = run_model_diff(base, changed, rank)
         if output:
             _write_patch(patch, output)

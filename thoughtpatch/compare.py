@@ -159,22 +159,23 @@ def functional_diff(model: nn.Module, patch: Patch, prompts: list[list[int]]) ->
 
 @torch.no_grad()
 def diff_models(base: nn.Module, changed: nn.Module, rank: int | None = None) -> tuple[dict, Patch]:
-    """Which tensors differ, and the low-rank patch that best explains the MLP-input changes.
+    """Which tensors differ (``in_patch``: an MLP input matrix, which the patch models), and the low-rank
+    patch that best explains the MLP-input changes.
 
     Per block, ``M`` solves ``W M = W' - W`` over the stacked MLP input matrices (least squares), truncated
     to ``rank`` (default: its numerical rank); the reported error is ``|W M_k - (W' - W)| / |W' - W|``.
     """
     sa, sb = base.state_dict(), changed.state_dict()
+    arch = architecture_for(base)
+    mlp_in = {f"{arch.layers}.{i}.{p}.weight" for i in range(len(blocks(base, arch))) for p in arch.mlp_inputs}
     tensors = []
     for name in sorted(set(sa) | set(sb)):
+        row: dict[str, object] = {"name": name, "in_patch": name in mlp_in}
         if name not in sa or name not in sb or sa[name].shape != sb[name].shape:
-            tensors.append({"name": name, "status": "shape" if name in sa and name in sb else "missing"})
+            tensors.append(row | {"status": "shape" if name in sa and name in sb else "missing", "in_patch": False})
         elif not torch.equal(sa[name], sb[name]):
             d = (sb[name].double() - sa[name].double()).norm()
-            tensors.append(
-                {"name": name, "status": "changed", "rel_change": float(d / max(sa[name].double().norm(), 1e-30))}
-            )
-    arch = architecture_for(base)
+            tensors.append(row | {"status": "changed", "rel_change": float(d / max(sa[name].double().norm(), 1e-30))})
     layers, rows = {}, []
     for ba, bb in zip(blocks(base, arch), blocks(changed, arch), strict=True):
         w = torch.cat([_weight(m, ba.transposed) for m in ba.mlp_inputs])

@@ -36,14 +36,22 @@ def changed(tiny_dir, tmp_path_factory):
     return base_dir, folder, ms
 
 
-def test_model_diff_recovers_the_change(changed, tmp_path):
-    base_dir, folder, ms = changed
-    out = tmp_path / "recovered.safetensors"
+@pytest.fixture(scope="module")
+def recovered(changed):
+    """``diff BASE CHANGED -o FILE``: the report and the low-rank patch file."""
+    base_dir, folder, _ = changed
+    out = folder.parent / "recovered.safetensors"
     r = run_cli("diff", str(base_dir), str(folder), "-o", str(out), "--json", "-q")
     assert r.returncode == 0, r.stderr.decode()
-    doc = json.loads(r.stdout)
+    return json.loads(r.stdout), out
+
+
+def test_model_diff_recovers_the_change(changed, recovered):
+    base_dir, folder, ms = changed
+    doc, out = recovered
     names = {t["name"] for t in doc["changed_tensors"]}
     assert names == {f"model.layers.{i}.mlp.{p}_proj.weight" for i in ms for p in ("gate", "up")}
+    assert all(t["in_patch"] for t in doc["changed_tensors"])
     assert doc["max_relative_error"] < 1e-4 and all(row["rank"] == 2 for row in doc["mlp_input_patch"])
     patch = patch_from_bytes(out.read_bytes())
     assert patch.skip == 0 and patch.bakeable and "fingerprint" in patch.meta
@@ -80,10 +88,8 @@ def test_patch_vs_patch():
     assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
 
 
-def test_patch_vs_model_functional(changed, tmp_path):
-    base_dir, folder, _ = changed
-    out = tmp_path / "p.safetensors"
-    assert run_cli("diff", str(base_dir), str(folder), "--rank", "1", "-o", str(out), "-q").returncode == 0
+def test_patch_vs_model_functional(changed, recovered, tmp_path, tiny_dir):
+    base_dir, out = changed[0], recovered[1]
     (tmp_path / "asks.txt").write_text("the lazy dog\nWhat is the capital of France?\n")
     r = run_cli("diff", str(out), "--prompts", str(tmp_path / "asks.txt"), "--json", "-q")
     assert r.returncode == 0, r.stderr.decode()
@@ -95,5 +101,7 @@ def test_patch_vs_model_functional(changed, tmp_path):
     patch = patch_from_bytes(out.read_bytes())
     asks = [free_ids(lm.tokenizer, q) for q in ("the lazy dog",)]
     assert functional_diff(lm.model, merge([patch, patch], [1.0, -1.0]), asks)["kl"] == 0.0
+    r = run_cli("diff", str(base_dir), str(tiny_dir("gpt2")), "-o", str(out))
+    assert r.returncode == 2 and "differ in architecture" in r.stderr.decode() and patch_from_bytes(out.read_bytes())
     r = run_cli("diff", str(out), str(out))  # the human-readable table
     assert r.returncode == 0 and "patch vs patch" in r.stdout.decode() and "write_overlap" in r.stdout.decode()
