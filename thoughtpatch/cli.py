@@ -601,6 +601,8 @@ def merge(
     _stdout_once(json_out, output)
     if method not in ("concat", "svd"):
         raise UsageError(f"--method must be concat or svd, not {method!r}")
+    if skip is not None and skip < 0:
+        raise UsageError("--skip must be >= 0")
     if (method == "svd") != (rank is not None):
         raise UsageError("--method svd needs --rank K (and --rank goes with --method svd)")
     read = [_read_patch_hashed(p) for p in patch_files]
