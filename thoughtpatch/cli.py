@@ -127,6 +127,17 @@ def _emit_json(doc: object) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def _one_stdin(*paths: str | None) -> None:
+    """At most one input may be read from stdin."""
+    if sum(p == "-" for p in paths) > 1:
+        raise UsageError("only one input can be - (stdin) per command")
+
+
+def _stdout_once(json_out: bool, output: str | None) -> None:
+    if json_out and output == "-":
+        raise UsageError("--json and -o - both want stdout; write the output to a file")
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  thoughtpatch extract examples/french.txt -o updates.safetensors --check\n\n"
@@ -162,8 +173,8 @@ def extract(
     _setup(quiet)
     if answer_tokens < 0 or batch_size < 1:
         raise UsageError("--answer-tokens must be >= 0 and --batch-size >= 1")
-    if json_out and output == "-":
-        raise UsageError("--json and -o - both want stdout; write the updates to a file")
+    _one_stdin(prompt_file, probes)
+    _stdout_once(json_out, output)
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
     lm = _load(model, dtype, device)
@@ -305,6 +316,7 @@ def condense(
     from .pipeline import run_condense
 
     _setup(quiet)
+    _stdout_once(json_out, output)
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
@@ -358,6 +370,8 @@ def transmute(
     from .prompts import load_probes, load_prompt
 
     _setup(quiet)
+    _one_stdin(prompt_file, probes)
+    _stdout_once(json_out, output)
     if bakeable and compact:
         raise UsageError("--bakeable and --compact are different modes; pick one")
     mode = "bakeable" if bakeable else "compact" if compact else mode
@@ -535,6 +549,7 @@ def eval_(
     _setup(quiet)
     if answer_tokens < 1:
         raise UsageError("--answer-tokens must be >= 1")
+    _one_stdin(patch_file, prompt_file, queries, probes)
     patch = _read_patch(patch_file)
     prompt = load_prompt(prompt_file)
     held = load_probes(queries)
@@ -553,6 +568,245 @@ def eval_(
     for name, r in report["methods"].items():
         table.add_row(name, f"{r['kl']:.4f}", f"{r['top1']:.3f}", f"{r['exact']:.3f}", str(r["parameters"]))
     Console(highlight=False).print(table)
+
+
+# ------------------------------------------------------------------------------------------ patch algebra, diffs, jobs
+
+
+def _read_patch_hashed(path: str):
+    import hashlib
+
+    from .files import read_bytes
+    from .patch import patch_from_bytes
+
+    data = read_bytes(path, "patch")
+    return patch_from_bytes(data, f"patch {path}"), hashlib.sha256(data).hexdigest()
+
+
+def _floats(spec: str | None, what: str) -> list[float] | None:
+    if spec is None:
+        return None
+    try:
+        return [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"{what} {spec!r}: expected comma-separated numbers like 1,-0.5") from None
+
+
+def _tables(doc: dict, title: str, to_stderr: bool) -> None:
+    """A key/value table of the scalars, and one table per list of rows."""
+    stream = sys.stderr if to_stderr else sys.stdout
+    out = Console(file=stream, highlight=False, width=None if stream.isatty() else 240)  # pipes: no folding
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list | dict) else str(v)  # noqa: E731
+    table = Table(title=title, show_header=False)
+    for k, v in doc.items():
+        if not (isinstance(v, list) and v and isinstance(v[0], dict)):
+            table.add_row(k, fmt(v))
+    out.print(table)
+    for k, v in doc.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            cols = list(dict.fromkeys(c for row in v for c in row))
+            rows = Table(title=k)
+            for c in cols:
+                rows.add_column(c)
+            for row in v:
+                rows.add_row(*(fmt(row[c]) if c in row else "" for c in cols))
+            out.print(rows)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch merge french.safetensors polite.safetensors -o both.safetensors --weights 1,0.5\n\n"
+    "  thoughtpatch merge a.safetensors --weights=-1 -o minus_a.safetensors       (negation)\n\n"
+    "  thoughtpatch merge a.safetensors b.safetensors --method svd --rank 8 -o ab8.safetensors"
+)
+def merge(
+    patch_files: Annotated[list[str], typer.Argument(help="Patch files (one of them may be - for stdin).")],
+    output: Output = "-",
+    weights: Annotated[
+        str | None, typer.Option(help="A weight per patch, comma-separated (default: all 1); -1 negates.")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="concat: exact, matrix ranks add up; svd: re-compress every matrix to --rank.")
+    ] = "concat",
+    rank: Annotated[int | None, typer.Option(help="Rank for --method svd.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Merge patches made for different base models.")] = False,
+    skip: Annotated[
+        int | None,
+        typer.Option(
+            help="Leading tokens the merge leaves unpatched where the parents differ (default: their largest)."
+        ),
+    ] = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Weighted sum of patches (negation and scaling with one patch), exact per site; optional SVD re-compression."""
+    from .algebra import merge as merge_patches
+    from .algebra import recompress
+
+    _setup(quiet)
+    _one_stdin(*patch_files)
+    _stdout_once(json_out, output)
+    if method not in ("concat", "svd"):
+        raise UsageError(f"--method must be concat or svd, not {method!r}")
+    if skip is not None and skip < 0:
+        raise UsageError("--skip must be >= 0")
+    if (method == "svd") != (rank is not None):
+        raise UsageError("--method svd needs --rank K (and --rank goes with --method svd)")
+    read = [_read_patch_hashed(p) for p in patch_files]
+    skips = sorted({p.skip for p, _ in read})
+    if skip is None and len(skips) > 1:
+        skip = skips[-1]
+        log(f"the patches leave {skips} leading tokens unpatched; the merge leaves {skip} (exact past them)")
+    patch = merge_patches(
+        [p for p, _ in read], _floats(weights, "--weights"), parents=[h for _, h in read], force=force, skip=skip
+    )
+    doc: dict = {
+        "output": output,
+        "parents": patch_files,
+        "weights": _floats(weights, "--weights") or [1.0] * len(read),
+    }
+    if method == "svd":
+        patch, doc["recompression"] = recompress(patch, rank)
+        log(f"SVD to rank {rank}: relative error {doc['recompression']['relative_error']:.3g}")
+    _write_patch(patch, output)
+    doc |= {"parameters": patch.numel(), "layers": sorted(patch.layers), "ranks": {str(i): lp.rank for i, lp in sorted(patch.layers.items())}}  # fmt: skip
+    _report(doc, json_out, output, "merged patch")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch diff a.safetensors b.safetensors              (patch vs patch)\n\n"
+    "  thoughtpatch diff a.safetensors --prompts asks.txt --json  (patch vs its base model, with KL)\n\n"
+    "  thoughtpatch diff ./base-model ./tuned-model -o tuned.safetensors --rank 16   (model vs model)"
+)
+def diff(
+    first: Annotated[str, typer.Argument(help="Patch file (- for stdin) or model folder.")],
+    second: Annotated[
+        str | None, typer.Argument(help="Patch file or model folder (default for a patch: its base model).")
+    ] = None,
+    model: Model = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="Patch vs model: user messages (one per line or JSONL) for a KL diff.")
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Model vs model: write a low-rank patch of the MLP-input changes."),
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="Model vs model: rank of that patch (default: numerical).")] = None,
+    chat: Chat = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compare patches and models: patch vs patch, patch vs base model, model folder vs model folder."""
+    from pathlib import Path
+
+    from . import compare
+
+    _setup(quiet)
+    _one_stdin(first, second, prompts)
+    _stdout_once(json_out, output)
+    folders = [p is not None and p != "-" and Path(p).is_dir() for p in (first, second)]
+    if rank is not None and rank < 1:
+        raise UsageError("--rank must be >= 1")
+    if all(folders):
+        if prompts:
+            raise UsageError("--prompts goes with a patch vs its model")
+        from .formats import fingerprint
+        from .models import load_model
+        from .pipeline import run_model_diff
+
+        base = _load(first, dtype, device)
+
+        def same_shape(config) -> None:
+            ours, theirs = fingerprint(base.model.config), fingerprint(config)
+            for k in (k for k in ours if ours[k] != theirs[k]):
+                raise UsageError(f"{first} and {second} differ in {k} ({ours[k]} vs {theirs[k]}); diff needs one shape")
+
+        changed = load_model(second, dtype=dtype, device=device, log=log, check=same_shape)
+        doc, patch = run_model_diff(base, changed, rank)
+        if output:
+            _write_patch(patch, output)
+            doc["output"] = output
+    elif output or rank is not None:
+        raise UsageError("-o and --rank go with a diff of two model folders")
+    elif second is not None and not any(folders):
+        doc = compare.diff_patches(_read_patch(first), _read_patch(second))
+    else:
+        path, folder = (second, first) if folders[0] else (first, second)
+        patch = _read_patch(path)
+        lm = _load(folder or model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {path}")
+        doc = compare.diff_patch_model(patch, lm.model)
+        if prompts:
+            from .prompts import free_ids, load_probes
+
+            asks = [free_ids(lm.tokenizer, q, chat) for q in load_probes(prompts)]
+            doc["functional"] = compare.functional_diff(lm.model, patch, asks)
+    if json_out:
+        _emit_json(doc)
+    else:
+        _tables(doc, doc["kind"].replace("_", " "), output == "-")
+
+
+@app.command(
+    "run",
+    epilog="Example:\n\n  thoughtpatch run configs/example.yaml --json-out summary.json\n\n"
+    "A job file lists steps (transmute, extract, condense, merge, diff, eval, inspect, apply), each with the "
+    "command's options as keys; paths are relative to the job file's folder. See configs/example.yaml.",
+)
+def run_job(
+    job_file: Annotated[str, typer.Argument(help="YAML job file (- for stdin: paths relative to the current folder).")],
+    json_out_file: Annotated[
+        str | None, typer.Option("--json-out", help="Also write the JSON summary to this file.")
+    ] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Run a batch job (YAML): steps in order, a JSON summary on stdout; exit 1 when a step fails."""
+    import io
+    import time
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    from .files import write_bytes
+    from .jobs import load_job
+
+    _setup(quiet)
+    steps = load_job(job_file, typer.main.get_command(app).commands)
+    summary: dict = {"job": job_file, "ok": True, "steps": []}
+    for n, step in enumerate(steps):
+        rec = {"step": n, "command": step.command, "argv": step.argv}
+        summary["steps"].append(rec)
+        if not summary["ok"]:
+            rec["status"] = "skipped"
+            continue
+        log(f"step {n}: {step.command}")
+        buf, t = io.StringIO(), time.perf_counter()
+        try:
+            for opt, value in zip(step.argv, step.argv[1:], strict=False):
+                if opt == "--output":  # a job's output folders are made for it
+                    Path(value).parent.mkdir(parents=True, exist_ok=True)
+            with redirect_stdout(buf):
+                app([step.command, *step.argv], standalone_mode=False)
+            rec |= {"status": "ok", "result": json.loads(buf.getvalue())}
+        except Exception as exc:  # a step's failure is reported, the rest are skipped
+            summary["ok"] = False
+            msg = (
+                exc.format_message() if hasattr(exc, "format_message") else str(exc).splitlines()[0] if str(exc) else ""
+            )
+            rec |= {"status": "failed", "error": f"{type(exc).__name__}: {msg}"}
+            log(f"step {n} failed: {msg}")
+        rec["seconds"] = round(time.perf_counter() - t, 3)
+        _setup(quiet)  # a step's --quiet must not silence the job's own log
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    if json_out_file:
+        write_bytes(json_out_file, text.encode())
+    sys.stdout.write(text)
+    if not summary["ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

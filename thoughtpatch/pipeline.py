@@ -24,6 +24,7 @@ __all__ = [
     "run_condense",
     "run_eval",
     "run_generate",
+    "run_model_diff",
     "provenance",
     "fit_pairs",
 ]
@@ -250,3 +251,13 @@ def run_generate(
     with installed(lm.model, patch, scale=scale):
         out = greedy(lm.model, [], ids, max_new_tokens, eos_ids(lm.model, lm.tokenizer))
     return [lm.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+
+
+def run_model_diff(base: LoadedModel, changed: LoadedModel, rank: int | None = None):
+    """Diff two model folders; the low-rank patch of the MLP-input changes carries the base's provenance."""
+    from .compare import diff_models
+
+    report, patch = diff_models(base.model, changed.model, rank)
+    _patch_meta(patch, base, {"changed_model": changed.model_id}, 0, 0.0)
+    del patch.meta["probe_tokens"]
+    return {"base": base.model_id, "changed": changed.model_id, **report}, patch

@@ -1,0 +1,195 @@
+"""Patch algebra: weighted sums (negation and scaling included) and low-rank re-compression. No I/O.
+
+Every part of a patch is an additive correction at its site, linear in the part's tensors given the site's
+input: ``o <- o + W o + b + Q x + (g0 + G x) o`` at the attention output, ``h <- h + v`` for the vector and
+``z <- z + z A B^T`` at the MLP input. So a weighted sum is exact *per site*: given the same site inputs,
+the merged patch's correction equals the weighted sum of the parents' corrections (matrices by
+concatenating their factors, which lets the rank grow). Applied to a whole model, block ``i``'s correction
+changes block ``i+1``'s input, so ``merge(a, b)`` applied is the sum of ``a`` and ``b`` applied only to
+first order, except where a single site is patched; ``merge(a, negate(a))`` cancels exactly (every part
+sums to zero and is dropped), which leaves the base model bit for bit.
+
+Patches leave their first ``skip`` tokens unpatched; parents with different ``skip`` sum exactly only at
+positions past all of them, so the merged patch's ``skip`` must then be chosen (``--skip``; the command
+defaults to the largest, which never patches a token a parent left alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+from .patch import LayerPatch, Patch
+
+__all__ = ["merge", "recompress", "factor_svd"]
+
+_SUMMED = ("attn_bias", "attn_query", "attn_gate", "vector")
+# metadata that describes the patch as a whole and carries over to a merge (the first parent's)
+_KEPT = ("base_model", "base_model_revision", "fingerprint", "model_parameters", "compute_dtype")
+
+
+def _sum(terms: list[tuple[float, Tensor]]) -> Tensor | None:
+    if not terms:
+        return None
+    dtype = torch.promote_types(*(t.dtype for _, t in terms)) if len(terms) > 1 else terms[0][1].dtype
+    out = sum(t.to(torch.float64) * w for w, t in terms)
+    return None if not out.any() else out.to(dtype)
+
+
+def _full(w: Tensor, head_dim: int) -> Tensor:
+    return w if w.dim() == 3 else w[:, None, None] * torch.eye(head_dim, dtype=w.dtype)
+
+
+def _attn_weight(terms: list[tuple[float, Tensor]]) -> Tensor | None:
+    """Scalars stay scalar; a scalar merged with a full map becomes its diagonal."""
+    full = [t for _, t in terms if t.dim() == 3]
+    if full:
+        terms = [(w, _full(t, full[0].shape[-1])) for w, t in terms]
+    return _sum(terms)
+
+
+def _matrix(terms: list[tuple[float, LayerPatch]]) -> tuple[Tensor | None, Tensor | None]:
+    """Concatenated factors; parents with the same ``A`` share columns (exact, and it keeps rank down)."""
+    groups: list[tuple[Tensor, list[tuple[float, Tensor]]]] = []
+    for w, lp in terms:
+        for a, bs in groups:
+            if a.shape == lp.matrix_a.shape and a.dtype == lp.matrix_a.dtype and torch.equal(a, lp.matrix_a):
+                bs.append((w, lp.matrix_b))
+                break
+        else:
+            groups.append((lp.matrix_a, [(w, lp.matrix_b)]))
+    a_parts, b_parts = [], []
+    for a, bs in groups:
+        b = _sum(bs)
+        if b is not None:
+            keep = b.any(0)  # columns whose B is zero contribute nothing
+            a_parts.append(a[:, keep])
+            b_parts.append(b[:, keep])
+    if not a_parts:
+        return None, None
+    dtype = torch.promote_types(a_parts[0].dtype, b_parts[0].dtype)
+    for t in a_parts + b_parts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.cat([t.to(dtype) for t in a_parts], 1), torch.cat([t.to(dtype) for t in b_parts], 1)
+
+
+def _common(patches: list[Patch], force: bool, skip: int | None) -> tuple[str, int]:
+    """The placement and skip of the sum (a clear refusal where it cannot be exact)."""
+    skips = {p.skip for p in patches}
+    if len(skips) > 1 and skip is None:
+        raise UsageError(
+            f"patches leave different leading tokens unpatched (skip {sorted(skips)}); their sum is exact only "
+            "past the largest: pass --skip N to choose the merged patch's skip"
+        )
+    with_vector = {p.placement for p in patches if any(lp.vector is not None for lp in p.layers.values())}
+    if len(with_vector) > 1:
+        raise UsageError("patches place their vectors at different sites (skip and attn_out); their sum is not exact")
+    fps = {p.meta.get("fingerprint", "") for p in patches}
+    if len(fps) > 1 and not force:
+        names = sorted({p.meta.get("base_model", "?") for p in patches})
+        raise UsageError(
+            f"patches were made for different base models ({', '.join(names)}): fingerprints differ; "
+            "--force merges them anyway"
+        )
+    return (with_vector.pop() if with_vector else patches[0].placement), skips.pop() if skip is None else skip
+
+
+def _check_shapes(patches: list[Patch]) -> None:
+    """Parts that meet in a sum must agree in shape (matrix factors in rows, attention maps in heads)."""
+    for i in sorted({i for p in patches for i in p.layers}):
+        for name in (*_SUMMED, "attn_weight", "matrix_a"):
+            ts = [t for p in patches if i in p.layers and (t := getattr(p.layers[i], name)) is not None]
+            keys = {tuple(t.shape[:1]) if name == "matrix_a" else tuple(t.shape) for t in ts}
+            if name == "attn_weight":  # a scalar per head merges with a full map of as many heads
+                full = {k for k in keys if len(k) == 3}
+                keys = full if len(full) > 1 else {k[:1] for k in keys}
+            if len(keys) > 1:
+                raise UsageError(f"layer {i} {name.replace('_', '.')}: shapes differ between patches {sorted(keys)}")
+
+
+def merge(
+    patches: list[Patch],
+    weights: list[float] | None = None,
+    *,
+    parents: list[str] | None = None,
+    force: bool = False,
+    skip: int | None = None,
+) -> Patch:
+    """``sum_i weights[i] * patches[i]``, part by part (exact per site; see the module docstring).
+
+    ``parents`` (e.g. the files' sha256) are recorded with the weights in the metadata. Refuses patches made
+    for different base models unless ``force``, and parents whose sum would not be exact (vectors at
+    different sites, mismatched shapes, different ``skip`` unless ``skip`` sets the merged patch's: the sum
+    is then exact at every position at or past each parent's own skip and ``skip``).
+    """
+    if not patches:
+        raise UsageError("merge needs at least one patch")
+    weights = [1.0] * len(patches) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(patches):
+        raise UsageError(f"{len(weights)} weights for {len(patches)} patches")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError("weights must be finite numbers")
+    placement, skip_out = _common(patches, force, skip)
+    _check_shapes(patches)
+    layers = {}
+    for i in sorted({i for p in patches for i in p.layers}):
+        here = [(w, p.layers[i]) for w, p in zip(weights, patches, strict=True) if i in p.layers]
+        parts = {n: _sum([(w, getattr(lp, n)) for w, lp in here if getattr(lp, n) is not None]) for n in _SUMMED}
+        parts["attn_weight"] = _attn_weight([(w, lp.attn_weight) for w, lp in here if lp.attn_weight is not None])
+        parts["matrix_a"], parts["matrix_b"] = _matrix([(w, lp) for w, lp in here if lp.matrix_a is not None])
+        lp = LayerPatch(**parts)
+        if lp.tensors():
+            layers[i] = lp
+    meta = {k: patches[0].meta[k] for k in _KEPT if k in patches[0].meta}
+    meta["method.construction"] = "merge"
+    meta["merge.parents"] = json.dumps(
+        [
+            {"sha256": h, "weight": w, "prompt_sha256": p.meta.get("prompt_sha256", "")}
+            for h, w, p in zip(parents or [""] * len(patches), weights, patches, strict=True)
+        ],
+        sort_keys=True,
+    )
+    if skip is not None:
+        meta["merge.parent_skips"] = json.dumps([p.skip for p in patches])
+    return Patch(layers, placement, skip_out, meta)
+
+
+def factor_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U diag(s) V^T`` of ``B A^T`` from its ``(d, k)`` factors (float64, never forms the matrix)."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double())
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, qa @ vh.T
+
+
+def recompress(patch: Patch, rank: int) -> tuple[Patch, dict]:
+    """Truncate every block's thought matrix ``B A^T`` to its best rank-``rank`` approximation (SVD).
+
+    Returns the new patch and the relative Frobenius error it introduced, per block and overall
+    (``|M - M_k| / |M|``, summed over blocks for the overall figure).
+    """
+    if rank < 1:
+        raise UsageError("--rank must be >= 1")
+    layers, per_block, dropped, total = {}, {}, 0.0, 0.0
+    for i, lp in sorted(patch.layers.items()):
+        if lp.matrix_a is None:
+            layers[i] = lp
+            continue
+        dtype = lp.matrix_a.dtype
+        u, s, v = factor_svd(lp.matrix_a, lp.matrix_b)
+        k = min(rank, int((s > 0).sum()))
+        energy, lost = float((s**2).sum()), float((s[k:] ** 2).sum())
+        per_block[str(i)] = math.sqrt(lost / energy) if energy else 0.0
+        dropped, total = dropped + lost, total + energy
+        b, a = u[:, :k] * s[:k], v[:, :k]
+        parts = dict(vars(lp), matrix_a=a.to(dtype) if k else None, matrix_b=b.to(dtype) if k else None)
+        layers[i] = LayerPatch(**parts)
+    meta = dict(patch.meta)
+    meta["method.rank"] = str(rank)
+    meta["method.recompress"] = "svd"
+    report = {"rank": rank, "relative_error": math.sqrt(dropped / total) if total else 0.0, "per_block": per_block}
+    return Patch({i: lp for i, lp in layers.items() if lp.tensors()}, patch.placement, patch.skip, meta), report

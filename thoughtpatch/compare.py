@@ -1,0 +1,202 @@
+"""Diffs as plain data: patch vs patch, patch vs its base model, model vs model (no I/O).
+
+* :func:`diff_patches`: per block, vector norms and cosine, matrix norms, effective ranks and the
+  principal angles between the subspaces the two thought matrices write to and read from.
+* :func:`diff_patch_model`: the relative weight change ``|dW| / |W|`` a patch amounts to per block, and
+  :func:`functional_diff` the KL between the base model's and the patched model's next-token outputs.
+* :func:`diff_models`: which tensors changed between two models of the same shape, and a low-rank patch
+  ``M = B A^T`` that explains the change of the MLP input matrices ``W' = W (I + M)``, with its error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .algebra import factor_svd
+from .apply import head_shape, installed
+from .architectures import architecture_for
+from .engine import blocks
+from .patch import LayerPatch, Patch
+
+__all__ = ["effective_rank", "diff_patches", "diff_patch_model", "functional_diff", "diff_models"]
+
+RANK_TOL = 1e-5  # singular values below this share of the largest count as zero
+
+
+def effective_rank(m: Tensor) -> float:
+    """``exp`` of the entropy of the normalised singular values (Roy and Vetterli, 2007)."""
+    return _entropy_rank(torch.linalg.svdvals(m.double()))
+
+
+def _entropy_rank(s: Tensor) -> float:
+    if not s.any():
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _spaces(lp: LayerPatch | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Orthonormal bases of the spaces a thought matrix writes to and reads from, and its singular values."""
+    if lp is None or lp.matrix_a is None:
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        return empty, torch.zeros(0, dtype=torch.float64), empty
+    u, s, v = factor_svd(lp.matrix_a, lp.matrix_b)
+    keep = s > RANK_TOL * s[0] if s[0] > 0 else s < 0
+    return u[:, keep], s, v[:, keep]
+
+
+def _angles(qa: Tensor, qb: Tensor) -> tuple[list[float], float]:
+    """Principal angles (degrees) between the spans of two orthonormal bases, and their mean ``cos^2``."""
+    if not qa.numel() or not qb.numel():
+        return [], 0.0
+    cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
+    return [round(math.degrees(math.acos(float(c))), 4) for c in cos], float((cos**2).mean())
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    scale = max(float(a.norm()), float(b.norm()))
+    return float((a - b).norm()) / scale if scale else 0.0
+
+
+def _full_attn(lp: LayerPatch | None, heads: int, head_dim: int) -> Tensor:
+    w = None if lp is None else lp.attn_weight
+    if w is None:
+        return torch.zeros(heads, head_dim, head_dim, dtype=torch.float64)
+    return w.double() if w.dim() == 3 else w.double()[:, None, None] * torch.eye(head_dim, dtype=torch.float64)
+
+
+def diff_patches(a: Patch, b: Patch) -> dict:
+    """Patch ``a`` against patch ``b``, block by block (parts either lacks count as zero)."""
+    rows = []
+    for i in sorted(set(a.layers) | set(b.layers)):
+        la, lb = a.layers.get(i), b.layers.get(i)
+        row: dict[str, object] = {"block": i}
+        va, vb = (None if lp is None else lp.vector for lp in (la, lb))
+        if va is not None or vb is not None:
+            va, vb = (v if v is not None else torch.zeros_like(va if va is not None else vb) for v in (va, vb))
+            row |= {"vector_norm_a": float(va.norm()), "vector_norm_b": float(vb.norm()), "vector_cosine": _cos(va, vb)}
+        if any(lp is not None and lp.matrix_a is not None for lp in (la, lb)):
+            (ua, sa, va), (ub, sb, vb) = _spaces(la), _spaces(lb)
+            ms = [lp.matrix().double() if lp is not None and lp.matrix_a is not None else None for lp in (la, lb)]
+            ma, mb = (m if m is not None else torch.zeros_like(next(x for x in ms if x is not None)) for m in ms)
+            write, write_overlap = _angles(ua, ub)
+            row |= {
+                "matrix_norm_a": float(sa.norm()), "matrix_norm_b": float(sb.norm()),
+                "matrix_rel_diff": _rel(ma, mb),
+                "effective_rank_a": _entropy_rank(sa), "effective_rank_b": _entropy_rank(sb),
+                "write_overlap": write_overlap, "read_overlap": _angles(va, vb)[1], "principal_angles_deg": write,
+            }  # fmt: skip
+        wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
+        if wa is not None or wb is not None:
+            heads, head_dim = next(w for w in (wa, wb) if w is not None).shape[0], _head_dim(wa, wb)
+            fa, fb = _full_attn(la, heads, head_dim), _full_attn(lb, heads, head_dim)
+            row |= {"attn_norm_a": float(fa.norm()), "attn_norm_b": float(fb.norm()), "attn_rel_diff": _rel(fa, fb)}
+        rows.append(row)
+    return {"kind": "patch_vs_patch", "parameters": [a.numel(), b.numel()], "layers": rows}
+
+
+def _head_dim(*ws: Tensor | None) -> int:
+    return next((w.shape[-1] for w in ws if w is not None and w.dim() == 3), 1)
+
+
+def _weight(module: nn.Module, transposed: bool) -> Tensor:
+    """The weight as ``(out, in)``."""
+    w = module.weight.detach().double()
+    return w.T if transposed else w
+
+
+def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
+    """The relative weight change ``|dW| / |W|`` each block's patch amounts to.
+
+    The thought matrix changes every MLP input matrix to ``W (I + M)``; the attention map changes the
+    output projection to ``W_o (I + D)`` (``D`` block-diagonal per head). Vectors, biases and the
+    query-dependent parts change no weight matrix; their norms are listed.
+    """
+    heads, head_dim = head_shape(model)
+    blks = blocks(model, architecture_for(model))
+    rows = []
+    for i, lp in sorted(patch.layers.items()):
+        blk, row = blks[i], {"block": i}
+        if lp.matrix_a is not None:
+            w = torch.cat([_weight(m, blk.transposed) for m in blk.mlp_inputs])
+            row["mlp_in_rel_change"] = float((w @ lp.matrix().double()).norm() / w.norm())
+        if lp.attn_weight is not None:
+            wo = _weight(blk.attn_out, blk.transposed).unflatten(1, (heads, head_dim))  # (d, H, hd)
+            dw = torch.einsum("dhj,hjk->dhk", wo, _full_attn(lp, heads, head_dim))
+            row["attn_out_rel_change"] = float(dw.norm() / wo.norm())
+        for name, t in lp.tensors().items():
+            if name in ("vector", "attn.bias", "attn.query", "attn.gate"):
+                row[name.replace(".", "_") + "_norm"] = float(t.norm())
+        rows.append(row)
+    return {"kind": "patch_vs_model", "layers": rows}
+
+
+def _log_probs(model: nn.Module, ids: list[int]) -> Tensor:
+    x = torch.tensor([ids], device=model.device)
+    return torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
+
+
+@torch.no_grad()
+def functional_diff(model: nn.Module, patch: Patch, prompts: list[list[int]]) -> dict:
+    """Mean ``KL(base || patched)`` of the next-token distributions over every position, and top-1 agreement."""
+    kls, agree = [], []
+    for ids in prompts:
+        base = _log_probs(model, ids)
+        with installed(model, patch):
+            patched = _log_probs(model, ids)
+        kls.append(float((base.exp() * (base - patched)).sum(-1).mean()))
+        agree.append(float((base.argmax(-1) == patched.argmax(-1)).double().mean()))
+    return {"prompts": len(prompts), "kl": sum(kls) / len(kls), "top1": sum(agree) / len(agree), "kl_per_prompt": kls}
+
+
+@torch.no_grad()
+def diff_models(base: nn.Module, changed: nn.Module, rank: int | None = None) -> tuple[dict, Patch]:
+    """Which tensors differ (``in_patch``: an MLP input matrix, which the patch models), and the low-rank
+    patch that best explains the MLP-input changes.
+
+    Per block, ``M`` solves ``W M = W' - W`` over the stacked MLP input matrices (least squares), truncated
+    to ``rank`` (default: its numerical rank); the reported error is ``|W M_k - (W' - W)| / |W' - W|``.
+    """
+    sa, sb = base.state_dict(), changed.state_dict()
+    arch = architecture_for(base)
+    mlp_in = {f"{arch.layers}.{i}.{p}.weight" for i in range(len(blocks(base, arch))) for p in arch.mlp_inputs}
+    tensors = []
+    for name in sorted(set(sa) | set(sb)):
+        row: dict[str, object] = {"name": name, "in_patch": name in mlp_in}
+        if name not in sa or name not in sb or sa[name].shape != sb[name].shape:
+            tensors.append(row | {"status": "shape" if name in sa and name in sb else "missing", "in_patch": False})
+        elif not torch.equal(sa[name], sb[name]):
+            d = (sb[name].double() - sa[name].double()).norm()
+            tensors.append(row | {"status": "changed", "rel_change": float(d / max(sa[name].double().norm(), 1e-30))})
+    layers, rows = {}, []
+    for ba, bb in zip(blocks(base, arch), blocks(changed, arch), strict=True):
+        w = torch.cat([_weight(m, ba.transposed) for m in ba.mlp_inputs])
+        dw = torch.cat([_weight(m, bb.transposed) for m in bb.mlp_inputs]) - w
+        if not dw.any():
+            continue
+        m = torch.linalg.lstsq(w, dw).solution
+        u, s, vh = torch.linalg.svd(m)
+        k = int((s > RANK_TOL * s[0]).sum()) if rank is None else min(rank, s.numel())
+        b, a = u[:, :k] * s[:k], vh[:k].T
+        err = float((w @ (b @ a.T) - dw).norm() / dw.norm())
+        dtype = ba.mlp_inputs[0].weight.dtype
+        layers[ba.index] = LayerPatch(matrix_a=a.to(dtype), matrix_b=b.to(dtype))
+        rows.append({"block": ba.index, "rank": k, "relative_error": err, "rel_change": float(dw.norm() / w.norm())})
+    errs = [r["relative_error"] for r in rows]
+    report = {
+        "kind": "model_vs_model",
+        "changed_tensors": tensors,
+        "mlp_input_patch": rows,
+        "max_relative_error": max(errs, default=0.0),
+    }
+    return report, Patch(
+        layers, "skip", 0, {"method.construction": "model_diff", "method.rank": str(rank or "numerical")}
+    )
