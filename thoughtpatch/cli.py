@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 _quiet = False
+_trust_remote_code = False
+_signal = 0  # the signal that interrupted the run, if any
 
 # Options defined once, reused by every command that runs a model.
 Model = Annotated[
@@ -70,11 +72,16 @@ Strength = Annotated[float | None, typer.Option(help="Global strength alpha of e
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
 Skip = Annotated[int | None, typer.Option(help="Leading tokens left unpatched (default: those both runs share).")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model folder to run its own Python code (off by default).")
+]
 
 
 @app.callback()
-def _root() -> None:
+def _root(trust_remote_code: TrustRemoteCode = False) -> None:
     """Turn prompts into weight patches for Hugging Face causal language models."""
+    global _trust_remote_code
+    _trust_remote_code = trust_remote_code
 
 
 def log(msg: str) -> None:
@@ -120,7 +127,11 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
-    return load_model(model, dtype=dtype, device=device, log=log, check=check)
+    lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
+    made = (meta or {}).get("base_model_revision")
+    if made and lm.revision and made != lm.revision:
+        err.print(f"thoughtpatch: warning: {what} was made from another revision of this model", markup=False)
+    return lm
 
 
 def _emit_json(doc: object) -> None:
@@ -507,17 +518,34 @@ def eval_(
     Console(highlight=False).print(table)
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM behaves like Ctrl-C: the run unwinds, temp files are removed, nothing partial is left."""
+    global _signal
+    _signal = signum
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: run the app and map errors to exit codes."""
+    import signal
+
     debug = "--debug" in sys.argv or bool(os.environ.get("THOUGHTPATCH_DEBUG"))
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("thoughtpatch: interrupted", markup=False)
-        sys.exit(130)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        name = "SIGTERM" if _signal == signal.SIGTERM else "SIGINT"
+        err.print(f"thoughtpatch: interrupted by {name}; no output was written", markup=False)
+        sys.exit(128 + (_signal or signal.SIGINT))
     except UsageError as exc:
         if debug:
             raise

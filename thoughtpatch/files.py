@@ -88,8 +88,37 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+
+
+def _check_entries(header: dict, body: int, what: str) -> None:
+    """Every tensor's dtype, shape and byte range checked against the file's size before any allocation."""
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise UsageError(f"{what}: tensor {name!r} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _SIZES:
+            raise UsageError(f"{what}: tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
+        ints = all(type(x) is int and x >= 0 for x in (*shape, *offsets)) if isinstance(shape, list) else False
+        if not ints or not isinstance(offsets, list) or len(offsets) != 2:
+            raise UsageError(f"{what}: tensor {name!r} has a malformed shape or data_offsets")
+        size = _SIZES[dtype]
+        for n in shape:
+            size *= n
+        if not offsets[0] <= offsets[1] <= body or offsets[1] - offsets[0] != size:
+            raise UsageError(
+                f"{what}: tensor {name!r} declares {size} bytes at {offsets}, beyond or unlike the {body} bytes stored"
+            )
+
+
 def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse safetensors bytes after checking the header; a clear error for anything malformed."""
+    """Parse safetensors bytes after checking the header; a clear error for anything malformed.
+
+    Declared sizes are compared with the bytes actually present before anything is allocated, so a file
+    that claims huge tensors is refused without reading further.
+    """
     if len(data) < 8:
         raise UsageError(f"{what}: not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -97,13 +126,14 @@ def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[
         raise UsageError(f"{what}: not a safetensors file (header size {n} is out of bounds)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{what}: not a safetensors file (header is not an object)")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{what}: metadata must map strings to strings")
+    _check_entries(header, len(data) - 8 - n, what)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types
