@@ -102,9 +102,19 @@ def progress(label: str, total: int):
         yield lambda n: bar.advance(task, n)
 
 
+def _warn(message, category, *args, **kwargs) -> None:
+    err.print(f"thoughtpatch: warning: {message}", markup=False, soft_wrap=True)
+
+
 def _setup(quiet: bool) -> None:
+    import warnings
+
+    from .errors import IllConditionedWarning
+
     global _quiet
     _quiet = quiet
+    warnings.showwarning = _warn
+    warnings.simplefilter("default", IllConditionedWarning)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging

@@ -38,6 +38,7 @@ from .engine import (
     prefix_view,
     run_block,
 )
+from .errors import require_finite
 from .prompts import TokenPairs
 
 __all__ = ["Updates", "extract", "check", "teacher_answers", "detect_sinks"]
@@ -126,6 +127,7 @@ def extract(
             with hooks(tap_c.specs):
                 h = run_block(blk, h, calls_c.calls[blk.index])
             r_c, z_c, r_0, z_0 = (tap.seen[k][valid] for tap in (tap_c, tap_0) for k in ("r", "z"))
+            require_finite(r_c - r_0 + z_c - z_0, f"block {blk.index} (extraction)")
             for key, val in (("delta", r_c - r_0), ("a", z_0), ("u", z_c - z_0), ("rc", r_c), ("r0", r_0)):
                 out[key][blk.index].append(val)
         if progress:
