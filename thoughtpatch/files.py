@@ -101,8 +101,8 @@ def _check_entries(header: dict, body: int, what: str) -> None:
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _SIZES:
             raise UsageError(f"{what}: tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
-        ints = all(type(x) is int and x >= 0 for x in (*shape, *offsets)) if isinstance(shape, list) else False
-        if not ints or not isinstance(offsets, list) or len(offsets) != 2:
+        lists = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+        if not lists or not all(type(x) is int and x >= 0 for x in (*shape, *offsets)):
             raise UsageError(f"{what}: tensor {name!r} has a malformed shape or data_offsets")
         size = _SIZES[dtype]
         for n in shape:
