@@ -106,11 +106,14 @@ def _warn(message, category, *args, **kwargs) -> None:
     err.print(f"thoughtpatch: warning: {message}", markup=False, soft_wrap=True)
 
 
-def _setup(quiet: bool) -> None:
+def _setup(quiet: bool, output: str | None = None) -> None:
+    """Logging and warnings for a command; its output path is checked before any work."""
     import warnings
 
     from .errors import IllConditionedWarning
+    from .files import check_output
 
+    check_output(output)
     global _quiet
     _quiet = quiet
     warnings.showwarning = _warn
@@ -140,7 +143,9 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
     lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
     made = (meta or {}).get("base_model_revision")
     if made and lm.revision and made != lm.revision:
-        err.print(f"thoughtpatch: warning: {what} was made from another revision of this model", markup=False)
+        err.print(
+            f"thoughtpatch: warning: {what} was made from another revision of this model", markup=False, soft_wrap=True
+        )
     return lm
 
 
@@ -180,7 +185,7 @@ def extract(
     from .pipeline import run_extract
     from .prompts import load_probes, load_prompt
 
-    _setup(quiet)
+    _setup(quiet, output)
     if answer_tokens < 0 or batch_size < 1:
         raise UsageError("--answer-tokens must be >= 0 and --batch-size >= 1")
     if json_out and output == "-":
@@ -325,13 +330,14 @@ def condense(
     from .formats import updates_from_bytes
     from .pipeline import run_condense
 
-    _setup(quiet)
+    _setup(quiet, output)
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
     lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
+    log(f"condensing {updates.n_tokens} query tokens ({cfg.construction})")
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
     _write_patch(patch, output)
@@ -378,7 +384,7 @@ def transmute(
     from .pipeline import run_transmute
     from .prompts import load_probes, load_prompt
 
-    _setup(quiet)
+    _setup(quiet, output)
     if bakeable and compact:
         raise UsageError("--bakeable and --compact are different modes; pick one")
     mode = "bakeable" if bakeable else "compact" if compact else mode

@@ -17,9 +17,20 @@ from safetensors.torch import load as st_load
 
 from .errors import UsageError
 
-__all__ = ["write_bytes", "read_bytes", "save_tensors", "load_tensors"]
+__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors"]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
+
+
+def check_output(path: str | Path | None) -> None:
+    """Refuse an output path that cannot be written (a folder, or in a missing folder) before any work."""
+    if path is None or str(path) == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"output {path}: folder {target.parent} does not exist")
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -28,11 +39,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
+    check_output(path)
     target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"output {path} is a folder; give a file name")
-    if not target.parent.exists():
-        raise UsageError(f"output {path}: folder {target.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)

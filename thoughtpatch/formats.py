@@ -147,7 +147,11 @@ def updates_from_bytes(data: bytes, what: str = "updates file") -> tuple[Updates
     d = tensors["delta.0"].shape[-1]
     for name in rows + ["embed_delta"] * ("embed_delta" in tensors):
         shape = tuple(tensors[name].shape)
-        _expect(len(shape) == 2 and shape[0] == n, what, f"tensor {name!r} has shape {shape}, not ({n}, dim)")
+        _expect(
+            len(shape) == 2 and shape[0] == n,
+            what,
+            f"tensor {name!r} has shape {shape}; metadata 'tokens' says {n} rows",
+        )
     for i in range(n_layers):
         _expect(tensors[f"delta.{i}"].shape[1] == d, what, f"tensor 'delta.{i}' has another width than 'delta.0'")
         _expect(tensors[f"a.{i}"].shape == tensors[f"u.{i}"].shape, what, f"'a.{i}' and 'u.{i}' differ in shape")
