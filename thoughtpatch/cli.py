@@ -541,6 +541,16 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    name = "SIGTERM" if _signal == signal.SIGTERM else "SIGINT"
+    err.print(f"thoughtpatch: interrupted by {name}; no output was written", markup=False)
+    sys.exit(128 + (_signal or signal.SIGINT))
+
+
 def main() -> None:
     """Console entry point: run the app and map errors to exit codes."""
     import signal
@@ -551,17 +561,13 @@ def main() -> None:
         signal.signal(signal.SIGINT, _interrupt)
     try:
         code = app(standalone_mode=False)
+        if _signal:  # the CLI library turns an interrupt into a return code of 130
+            _interrupted()
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        name = "SIGTERM" if _signal == signal.SIGTERM else "SIGINT"
-        err.print(f"thoughtpatch: interrupted by {name}; no output was written", markup=False)
-        sys.exit(128 + (_signal or signal.SIGINT))
+        _interrupted()
     except UsageError as exc:
         if debug:
             raise

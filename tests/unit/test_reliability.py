@@ -179,7 +179,8 @@ def test_ill_conditioned_fit_warns_with_the_option_to_raise(tiny_dir):
     with pytest.warns(IllConditionedWarning, match=r"block 0 thought matrix: .*raise --ridge \(now 0\)"):
         condense(lm.model, pairs, CondenseConfig(attn="none", ridge=0.0))
     with pytest.warns(IllConditionedWarning, match=r"block 0 attention map: .*raise --attn-ridge"):
-        condense(lm.model, pairs, CondenseConfig(attn="full", vector=False, matrix=False, attn_ridge=0.0))
+        cfg = CondenseConfig(attn="full", attn_query=True, vector=False, matrix=False, attn_ridge=0.0)
+        condense(lm.model, pairs, cfg)
     import warnings
 
     with warnings.catch_warnings():  # the default ridges are well-conditioned: no warning
