@@ -212,6 +212,10 @@ def cases() -> list[tuple[str, Callable[[], list[str]]]]:
         ),
         ("updates file condensed with another tokenizer", lambda: [*condense, "llama-newtok", U]),
         ("model folder whose config needs its own code", lambda: [*extract, "remote"]),
+        (
+            "--trust-remote-code, but the folder lacks the code its config names",
+            lambda: ["--trust-remote-code", *extract, "remote"],
+        ),
         ("model folder without config.json", lambda: [*extract, "."]),
         ("prompt longer than the model's context window", lambda: ["extract", "long.txt", *extract[2:], "llama"]),
         ("output path is a folder", lambda: [*extract, "llama", "-o", "llama"]),

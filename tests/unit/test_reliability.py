@@ -192,3 +192,14 @@ def test_updates_record_the_tokenizer(tiny_dir):
     lm = load_model(str(tiny_dir("gpt2")))
     meta = provenance(lm, Prompt("x"), ["q"])
     assert len(meta["tokenizer_sha256"]) == 16 and json.loads(meta["fingerprint"])["vocab_size"] == 400
+
+
+def test_check_never_reads_nan_as_a_match(tiny_dir):
+    from thoughtpatch import check
+
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    updates = extract(lm.model, align(lm.tokenizer, Prompt("Be a pirate."), ["hello there", "a cat"]))
+    assert check(lm.model, updates) <= 1e-9
+    with torch.no_grad():
+        lm.model.model.layers[1].input_layernorm.weight.fill_(float("inf"))
+    assert check(lm.model, updates) == float("inf")
