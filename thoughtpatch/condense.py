@@ -382,6 +382,7 @@ class _Chunk:
     query: Tensor  # (B, T) bool: query positions
     active: Tensor  # (B, T) bool: positions the patch acts on
     sink: Tensor | None = None
+    padding: Tensor | None = None  # (B, T, 1) bool: padded positions, kept at zero between blocks
 
 
 class _Prompted:
@@ -413,7 +414,7 @@ class _Prompted:
                 (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
             ]
             with hooks(specs):
-                h = run_block(blk, h, calls[blk.index])
+                h = run_block(blk, h, calls[blk.index]).masked_fill(~valid[..., None], 0)
             self.chunks[n] = (calls, h, valid)
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
@@ -433,7 +434,7 @@ def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int
             query[j, l0 : l0 + len(pairs.queries[i])] = True
         calls = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
-        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active))
+        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active, padding=~mask.bool()[..., None]))
     return chunks
 
 
@@ -443,8 +444,8 @@ def _run_free(blk: Block, chunks: list[_Chunk], pos: Positions, specs_for: Calla
         pos.set(ch.active)
         with hooks(specs_for(ch)), contextlib.suppress(StopBlock):
             out = run_block(blk, ch.hidden, ch.calls[blk.index])
-            if advance:
-                ch.hidden = out
+            if advance:  # a fully masked padded row (sliding window) is NaN; it must not leak through V
+                ch.hidden = out.masked_fill(ch.padding, 0)
 
 
 @torch.no_grad()

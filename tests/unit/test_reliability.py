@@ -203,3 +203,17 @@ def test_check_never_reads_nan_as_a_match(tiny_dir):
     with torch.no_grad():
         lm.model.model.layers[1].input_layernorm.weight.fill_(float("inf"))
     assert check(lm.model, updates) == float("inf")
+
+
+def test_padding_beyond_a_sliding_window_stays_finite(tiny_dir):
+    """Gemma-2 with a window shorter than the length gap in a batch: fully masked padded rows must not leak."""
+    from thoughtpatch import check
+
+    lm = load_model(str(tiny_dir("gemma2")), dtype="float64")
+    queries = ["dog", "How do I boil an egg? Answer briefly and politely, like a pirate."]
+    pairs = align(lm.tokenizer, Prompt("Be a pirate."), queries, chat=False)
+    assert len(pairs.queries[1]) - len(pairs.queries[0]) > lm.model.config.sliding_window
+    updates = extract(lm.model, pairs, batch_size=2)
+    assert check(lm.model, updates, batch_size=2) < 1e-5
+    patch = condense(lm.model, pairs, CondenseConfig(batch_size=2))
+    assert all(bool(t.isfinite().all()) for lp in patch.layers.values() for t in lp.tensors().values())
