@@ -173,6 +173,7 @@ def test_nan_in_condensation_names_the_block(broken_llama):
         condense(broken_llama.model, pairs, CondenseConfig(attn="none"))
 
 
+@pytest.mark.filterwarnings("ignore::thoughtpatch.errors.IllConditionedWarning")  # the other blocks' repeats
 def test_ill_conditioned_fit_warns_with_the_option_to_raise(tiny_dir):
     lm = load_model(str(tiny_dir("llama")))
     pairs = align(lm.tokenizer, Prompt("Be a pirate."), ["hi"])  # far fewer tokens than dimensions
