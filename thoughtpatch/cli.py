@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 _quiet = False
+_trust_remote_code = False
+_signal = 0  # the signal that interrupted the run, if any
 
 # Options defined once, reused by every command that runs a model.
 Model = Annotated[
@@ -70,11 +72,16 @@ Strength = Annotated[float | None, typer.Option(help="Global strength alpha of e
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
 Skip = Annotated[int | None, typer.Option(help="Leading tokens left unpatched (default: those both runs share).")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model folder to run its own Python code (off by default).")
+]
 
 
 @app.callback()
-def _root() -> None:
+def _root(trust_remote_code: TrustRemoteCode = False) -> None:
     """Turn prompts into weight patches for Hugging Face causal language models."""
+    global _trust_remote_code
+    _trust_remote_code = trust_remote_code
 
 
 def log(msg: str) -> None:
@@ -95,9 +102,22 @@ def progress(label: str, total: int):
         yield lambda n: bar.advance(task, n)
 
 
-def _setup(quiet: bool) -> None:
+def _warn(message, category, *args, **kwargs) -> None:
+    err.print(f"thoughtpatch: warning: {message}", markup=False, soft_wrap=True)
+
+
+def _setup(quiet: bool, output: str | None = None) -> None:
+    """Logging and warnings for a command; its output path is checked before any work."""
+    import warnings
+
+    from .errors import IllConditionedWarning
+    from .files import check_output
+
+    check_output(output)
     global _quiet
     _quiet = quiet
+    warnings.showwarning = _warn
+    warnings.simplefilter("default", IllConditionedWarning)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
@@ -120,7 +140,13 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
-    return load_model(model, dtype=dtype, device=device, log=log, check=check)
+    lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
+    made = (meta or {}).get("base_model_revision")
+    if made and lm.revision and made != lm.revision:
+        err.print(
+            f"thoughtpatch: warning: {what} was made from another revision of this model", markup=False, soft_wrap=True
+        )
+    return lm
 
 
 def _emit_json(doc: object) -> None:
@@ -170,7 +196,7 @@ def extract(
     from .pipeline import run_extract
     from .prompts import load_probes, load_prompt
 
-    _setup(quiet)
+    _setup(quiet, output)
     if answer_tokens < 0 or batch_size < 1:
         raise UsageError("--answer-tokens must be >= 0 and --batch-size >= 1")
     _one_stdin(prompt_file, probes)
@@ -315,7 +341,7 @@ def condense(
     from .formats import updates_from_bytes
     from .pipeline import run_condense
 
-    _setup(quiet)
+    _setup(quiet, output)
     _stdout_once(json_out, output)
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
@@ -323,6 +349,7 @@ def condense(
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
     lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
+    log(f"condensing {updates.n_tokens} query tokens ({cfg.construction})")
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
     _write_patch(patch, output)
@@ -369,7 +396,7 @@ def transmute(
     from .pipeline import run_transmute
     from .prompts import load_probes, load_prompt
 
-    _setup(quiet)
+    _setup(quiet, output)
     _one_stdin(prompt_file, probes)
     _stdout_once(json_out, output)
     if bakeable and compact:
@@ -809,19 +836,42 @@ def run_job(
         raise typer.Exit(1)
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM behaves like Ctrl-C: the run unwinds, temp files are removed, nothing partial is left."""
+    global _signal
+    _signal = signum
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    name = "SIGTERM" if _signal == signal.SIGTERM else "SIGINT"
+    err.print(f"thoughtpatch: interrupted by {name}; no output was written", markup=False)
+    sys.exit(128 + (_signal or signal.SIGINT))
+
+
 def main() -> None:
     """Console entry point: run the app and map errors to exit codes."""
+    import signal
+
     debug = "--debug" in sys.argv or bool(os.environ.get("THOUGHTPATCH_DEBUG"))
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         code = app(standalone_mode=False)
-        if code == 130:  # typer turns Ctrl-C (and SIGTERM where a command maps it) into this code
-            err.print("thoughtpatch: interrupted", markup=False)
+        if _signal:  # the CLI library turns an interrupt into a return code of 130
+            _interrupted()
+        if code == 130:  # an interrupt a command's own handler turned into KeyboardInterrupt (baking)
+            err.print("thoughtpatch: interrupted; no output was written", markup=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("thoughtpatch: interrupted", markup=False)
-        sys.exit(130)
+        _interrupted()
     except UsageError as exc:
         if debug:
             raise

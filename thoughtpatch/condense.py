@@ -14,6 +14,7 @@ correct the errors of earlier ones; the parallel one fits every block from the e
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -34,7 +35,7 @@ from .engine import (
     prefix_view,
     run_block,
 )
-from .errors import UsageError
+from .errors import IllConditionedWarning, UsageError, require_finite
 from .extract import Updates, detect_sinks
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
@@ -111,6 +112,26 @@ class CondenseConfig:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
+MAX_CONDITION = 1e10  # beyond this a float64 solve loses most of its digits
+
+
+def warn_conditioning(s: Tensor, lam: Tensor | float, where: str, option: str, relative: float) -> None:
+    """Warn when ``S + lam I`` is ill-conditioned (eigenvalues computed only when the ridge cannot rule it out)."""
+    lam = torch.as_tensor(lam, dtype=s.dtype).min().clamp_min(0)
+    top = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).max()  # trace >= largest eigenvalue
+    if lam > 0 and (top + lam) / lam <= MAX_CONDITION:
+        return
+    ev = torch.linalg.eigvalsh(s).clamp_min(0)
+    cond = float(((ev[..., -1] + lam) / (ev[..., 0] + lam).clamp_min(1e-300)).max())
+    if cond > MAX_CONDITION:
+        state = "singular" if cond > 1e15 else f"ill-conditioned (condition number {cond:.1e})"
+        warnings.warn(
+            f"{where}: the least squares is {state}; raise {option} (now {relative:g}) or give more probes",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
+
+
 def ridge_solve(s: Tensor, c: Tensor, lam: Tensor | float) -> Tensor:
     """``C (S + lam I)^-1`` for symmetric PSD ``S`` (batched); the pseudo-inverse where ``lam == 0``."""
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
@@ -165,8 +186,9 @@ class Affine:
             self.n + other.n, self.sx + other.sx, self.sr + other.sr, self.sxx + other.sxx, self.srx + other.srx
         )
 
-    def fit(self, ridge: float, scalar: bool = False, intercept: bool = True) -> tuple[Tensor, Tensor]:
-        """``(W, b)``; ``scalar``: ``W = s I`` per leading index (returns ``s``); no ``intercept``: ``b = 0``."""
+    def fit(self, ridge: float, scalar: bool = False, intercept: bool = True, where: str = "") -> tuple[Tensor, Tensor]:
+        """``(W, b)``; ``scalar``: ``W = s I`` per leading index (returns ``s``); no ``intercept``: ``b = 0``;
+        ``where`` names it in warnings."""
         mx, mr = self.sx / self.n, self.sr / self.n
         if not intercept:
             mx, mr = torch.zeros_like(mx), torch.zeros_like(mr)
@@ -177,6 +199,8 @@ class Affine:
         if scalar:
             s = torch.diagonal(crx, dim1=-2, dim2=-1).sum(-1) / (energy * (1 + ridge)).clamp_min(1e-30)
             return s, mr - s[..., None] * mx
+        if where:
+            warn_conditioning(cxx, ridge * energy / p, where, "--attn-ridge", ridge)
         w = ridge_solve(cxx, crx, ridge * energy / p)
         return w, mr - (w @ mx[..., None])[..., 0]
 
@@ -211,9 +235,11 @@ class MatrixStats:
     def vector(self) -> Tensor:
         return self.s_delta / self.n
 
-    def matrix(self, ridge: float) -> tuple[Tensor, float]:
-        """``M`` and the absolute ridge ``lam`` used."""
+    def matrix(self, ridge: float, where: str = "") -> tuple[Tensor, float]:
+        """``M`` and the absolute ridge ``lam`` used; ``where`` names the fit in warnings."""
         lam = ridge * float(torch.trace(self.s_aa)) / self.s_aa.shape[0]
+        if where:
+            warn_conditioning(self.s_aa, lam, where, "--ridge", ridge)
         return ridge_solve(self.s_aa, self.s_ua, lam), lam
 
 
@@ -249,7 +275,9 @@ def _gate_scale(g: Tensor, o: Tensor, x: Tensor) -> Tensor:
     return (g[:, 0] + x.double() @ g[:, 1:].T)[..., None] * o.double()
 
 
-def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 2) -> dict:
+def fit_attention(
+    o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 2, where: str = ""
+) -> dict:
     """Per-head map of the attention output (rows ``o0``, ``oc``: (N, H, hd); ``x``: (N, d) or None).
 
     Linear part ``o0 -> W o0 + b (+ Q x)`` by ridge least squares; with ``cfg.attn_gate`` alternated with the
@@ -261,7 +289,7 @@ def fit_attention(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig,
     gate = None
     target = oc
     for _ in range(rounds if cfg.attn_gate else 1):
-        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar, intercept=cfg.attn_bias)
+        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar, intercept=cfg.attn_bias, where=where)
         if not cfg.attn_gate:
             break
         linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
@@ -323,7 +351,7 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
     for i in cfg.layers or range(updates.n_layers):
         keep = ~updates.sink[i]
         stats = MatrixStats().add(updates.delta[i][keep], updates.a[i][keep], updates.u[i][keep])
-        lp, kept = _vector_matrix(stats, cfg)
+        lp, kept = _vector_matrix(stats, cfg, f"block {i}")
         energies.append(kept)
         patch.layers[i] = lp.scaled(cfg.strength)
     patch.meta = _method_meta(cfg, energies)
@@ -350,14 +378,16 @@ def _skip(cfg: CondenseConfig, pairs: TokenPairs) -> int:
     return len(pairs.prefix_free) if cfg.skip == -1 else cfg.skip
 
 
-def _vector_matrix(stats: MatrixStats, cfg: CondenseConfig) -> tuple[LayerPatch, float]:
+def _vector_matrix(stats: MatrixStats, cfg: CondenseConfig, where: str) -> tuple[LayerPatch, float]:
     lp, kept = LayerPatch(), 1.0
     if cfg.vector:
         lp.vector = stats.vector().float()
     if cfg.matrix:
-        m, _ = stats.matrix(cfg.ridge)
+        m, _ = stats.matrix(cfg.ridge, f"{where} thought matrix")
         b, a, kept = truncate(m, cfg.rank)
         lp.matrix_b, lp.matrix_a = b.float(), a.float()
+    for name, t in lp.tensors().items():
+        require_finite(t, f"{where} {name} (condensation statistics)")
     return lp, kept
 
 
@@ -378,6 +408,7 @@ class _Chunk:
     query: Tensor  # (B, T) bool: query positions
     active: Tensor  # (B, T) bool: positions the patch acts on
     sink: Tensor | None = None
+    padding: Tensor | None = None  # (B, T, 1) bool: padded positions, kept at zero between blocks
 
 
 class _Prompted:
@@ -409,7 +440,7 @@ class _Prompted:
                 (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
             ]
             with hooks(specs):
-                h = run_block(blk, h, calls[blk.index])
+                h = run_block(blk, h, calls[blk.index]).masked_fill(~valid[..., None], 0)
             self.chunks[n] = (calls, h, valid)
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
@@ -429,7 +460,7 @@ def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int
             query[j, l0 : l0 + len(pairs.queries[i])] = True
         calls = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
-        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active))
+        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active, padding=~mask.bool()[..., None]))
     return chunks
 
 
@@ -439,8 +470,8 @@ def _run_free(blk: Block, chunks: list[_Chunk], pos: Positions, specs_for: Calla
         pos.set(ch.active)
         with hooks(specs_for(ch)), contextlib.suppress(StopBlock):
             out = run_block(blk, ch.hidden, ch.calls[blk.index])
-            if advance:
-                ch.hidden = out
+            if advance:  # a fully masked padded row (sliding window) is NaN; it must not leak through V
+                ch.hidden = out.masked_fill(ch.padding, 0)
 
 
 @torch.no_grad()
@@ -469,6 +500,7 @@ def condense(
     for blk in blks:
         i = blk.index
         targets = prompted.step(blk)
+        require_finite(targets[1], f"block {i} (prompted run)")
         if i in fit_layers:
             lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges)
             patch.layers[i] = lp.scaled(cfg.strength)
@@ -522,8 +554,8 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         if cfg.attn_ridge_grid:
             ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))
             lp_ridge.append(ridge)
-        parts = fit_attention(o0, oc, x, cfg, ridge)
-        for k, v in parts.items():
+        for k, v in fit_attention(o0, oc, x, cfg, ridge, where=f"block {i} attention map").items():
+            require_finite(v, f"block {i} {k} (condensation statistics)")
             setattr(lp, k, v)
         if cfg.vector or cfg.matrix:  # the rest is fitted with the attention map installed
             seen.clear()
@@ -536,7 +568,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         attn_out = cfg.placement == "attn_out" and v is not None
         a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
         u = blk.mlp_norm(r_c[keep]) - a
-        vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg)
+        vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     return lp

@@ -16,6 +16,7 @@ plus one prompt-free pass whose query positions are overwritten with the prompte
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from .engine import (
     prefix_view,
     run_block,
 )
+from .errors import require_finite
 from .prompts import TokenPairs
 
 __all__ = ["Updates", "extract", "check", "teacher_answers", "detect_sinks"]
@@ -124,8 +126,11 @@ def extract(
             with hooks(tap_0.specs), contextlib.suppress(StopBlock):  # prompt-free attention, prompted states
                 run_block(blk, h, calls_0.calls[blk.index])
             with hooks(tap_c.specs):
-                h = run_block(blk, h, calls_c.calls[blk.index])
+                # padding never reaches real tokens, except as NaN (a fully masked row, e.g. beyond a
+                # sliding window) times a zero attention weight: keep padded states at zero
+                h = run_block(blk, h, calls_c.calls[blk.index]).masked_fill(~valid[..., None], 0)
             r_c, z_c, r_0, z_0 = (tap.seen[k][valid] for tap in (tap_c, tap_0) for k in ("r", "z"))
+            require_finite(r_c - r_0 + z_c - z_0, f"block {blk.index} (extraction)")
             for key, val in (("delta", r_c - r_0), ("a", z_0), ("u", z_c - z_0), ("rc", r_c), ("r0", r_0)):
                 out[key][blk.index].append(val)
         if progress:
@@ -191,11 +196,13 @@ def check(model: nn.Module, updates: Updates, *, batch_size: int = 16) -> float:
             for w in blk.mlp_inputs:
                 specs.append((w, "fwd", _rank_one(w, a, u, l0, width, blk.transposed)))
             specs.append((blk.layer, "fwd", _add(delta, l0, width)))
-        with hooks(specs):
+        with hooks(specs + [(blk.layer, "fwd", _zero_padding(mask_0)) for blk in blks]):
             logits_0 = model(input_ids=ids_0, attention_mask=mask_0).logits
-        logits_c = model(input_ids=ids_c, attention_mask=mask_c).logits
+        with hooks([(blk.layer, "fwd", _zero_padding(mask_c)) for blk in blks]):
+            logits_c = model(input_ids=ids_c, attention_mask=mask_c).logits
         diff = (_query_view(logits_0, l0, width) - _query_view(logits_c, lc, width))[grid.valid]
-        worst = max(worst, float(diff.abs().max()))
+        err = float(diff.abs().max())
+        worst = math.inf if math.isnan(err) else max(worst, err)  # NaN is never a match
     return worst
 
 
@@ -216,6 +223,18 @@ class _Grid:
         out = torch.zeros((*self.shape, flat.shape[-1]), dtype=flat.dtype)
         out[self.rows, self.cols] = flat.cpu()
         return out.to(self.device)
+
+
+def _zero_padding(mask: Tensor):
+    """Keep padded positions at zero after a block (a fully masked row would be NaN and leak through V)."""
+    pad = ~mask.bool()[..., None]
+
+    def fn(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.masked_fill(pad, 0)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return fn
 
 
 def _pre_add(extra: Tensor, offset: int, width: int):

@@ -17,9 +17,20 @@ from safetensors.torch import load as st_load
 
 from .errors import UsageError
 
-__all__ = ["write_bytes", "read_bytes", "save_tensors", "load_tensors"]
+__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors"]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
+
+
+def check_output(path: str | Path | None) -> None:
+    """Refuse an output path that cannot be written (a folder, or in a missing folder) before any work."""
+    if path is None or str(path) == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"output {path}: folder {target.parent} does not exist")
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -28,11 +39,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
+    check_output(path)
     target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"output {path} is a folder; give a file name")
-    if not target.parent.exists():
-        raise UsageError(f"output {path}: folder {target.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)
@@ -88,8 +96,37 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+
+
+def _check_entries(header: dict, body: int, what: str) -> None:
+    """Every tensor's dtype, shape and byte range checked against the file's size before any allocation."""
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise UsageError(f"{what}: tensor {name!r} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _SIZES:
+            raise UsageError(f"{what}: tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
+        lists = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+        if not lists or not all(type(x) is int and x >= 0 for x in (*shape, *offsets)):
+            raise UsageError(f"{what}: tensor {name!r} has a malformed shape or data_offsets")
+        size = _SIZES[dtype]
+        for n in shape:
+            size *= n
+        if not offsets[0] <= offsets[1] <= body or offsets[1] - offsets[0] != size:
+            raise UsageError(
+                f"{what}: tensor {name!r} declares {size} bytes at {offsets}, beyond or unlike the {body} bytes stored"
+            )
+
+
 def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse safetensors bytes after checking the header; a clear error for anything malformed."""
+    """Parse safetensors bytes after checking the header; a clear error for anything malformed.
+
+    Declared sizes are compared with the bytes actually present before anything is allocated, so a file
+    that claims huge tensors is refused without reading further.
+    """
     if len(data) < 8:
         raise UsageError(f"{what}: not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -97,13 +134,14 @@ def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[
         raise UsageError(f"{what}: not a safetensors file (header size {n} is out of bounds)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{what}: not a safetensors file (header is not an object)")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{what}: metadata must map strings to strings")
+    _check_entries(header, len(data) - 8 - n, what)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types

@@ -129,12 +129,14 @@ def load_model(
     device: str = "cpu",
     log=None,
     check=None,
+    trust_remote_code: bool = False,
     **overrides,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, or the default model when ``None``.
 
     ``overrides`` go to the config (e.g. ``num_hidden_layers=2`` for a truncated model); ``check(config)``
-    runs before any weight is read, so a mismatch fails fast.
+    runs before any weight is read, so a mismatch fails fast. Code shipped inside a model folder never runs
+    unless ``trust_remote_code`` is set.
 
     >>> lm = load_model(None, dtype="float32")  # doctest: +SKIP
     >>> lm.model.config.model_type  # doctest: +SKIP
@@ -149,9 +151,14 @@ def load_model(
         raise UsageError(f"--model {model}: not a folder (pass a local Hugging Face model folder)")
     if not (folder / "config.json").is_file():
         raise UsageError(f"--model {folder}: no config.json there, so it is not a Hugging Face model folder")
+    remote = {"trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(folder, **overrides)
+        config = AutoConfig.from_pretrained(folder, **remote, **overrides)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(
+                f"--model {folder}: its config runs code shipped in the folder; pass --trust-remote-code if you trust it"
+            ) from None
         raise UsageError(f"--model {folder}: cannot read its config ({str(exc).splitlines()[0]})") from None
     from .architectures import architecture_for
 
@@ -161,8 +168,8 @@ def load_model(
     if log:
         log(f"loading {folder}")
     try:
-        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(folder)
+        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **remote)
+        tok = AutoTokenizer.from_pretrained(folder, **remote)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {folder}: cannot load it ({str(exc).splitlines()[0]})") from None
     net.to(resolve_device(device)).eval()

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import __version__
 from .errors import UsageError
 from .files import load_tensors, save_tensors
+from .schema import TEXT, Schema, block_list, check_meta, fingerprint_field, natural, one_of
 
 __all__ = [
     "LayerPatch",
@@ -145,6 +146,19 @@ def _dtype_name(tensors: dict[str, Tensor]) -> str:
     return ",".join(names) or "none"
 
 
+# Metadata every patch file carries (thoughtpatch.schema), and the dimensions of each part.
+PATCH_SCHEMA: Schema = {
+    "format_version": (True, *one_of(PATCH_VERSION)),
+    "placement": (True, *one_of(*PLACEMENTS)),
+    "skip_leading_tokens": (True, *natural(0)),
+    "layers": (True, *block_list),
+    "parameters": (True, *natural(0)),
+    "fingerprint": (False, *fingerprint_field),
+    "tool_version": (False, *TEXT),
+}
+_DIMS = {"attn.weight": (1, 3), "attn.bias": (1,), "attn.query": (2,), "attn.gate": (2,), "vector": (1,)}
+
+
 def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
     """Parse and validate a patch file's bytes; a clear error naming what is wrong."""
     tensors, meta = load_tensors(data, what)
@@ -152,25 +166,23 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
     if fmt != PATCH_FORMAT:
         hint = " (it is an updates file: run condense on it first)" if fmt == "thoughtpatch.updates" else ""
         raise UsageError(f"{what}: not a thoughtpatch patch{hint}")
-    if meta.get("format_version") != PATCH_VERSION:
-        raise UsageError(f"{what}: unsupported format_version {meta.get('format_version')!r}")
-    placement = meta.get("placement", "skip")
-    if placement not in PLACEMENTS:
-        raise UsageError(f"{what}: metadata 'placement' must be one of {PLACEMENTS}, not {placement!r}")
-    try:
-        skip = int(meta.get("skip_leading_tokens", "1"))
-    except ValueError:
-        raise UsageError(f"{what}: metadata 'skip_leading_tokens' is not an integer") from None
+    m = check_meta(meta, PATCH_SCHEMA, what)
     layers: dict[int, dict[str, Tensor]] = {}
     for name, t in tensors.items():
         parts = name.split(".", 2)
         if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in _PARTS.values():
             raise UsageError(f"{what}: unexpected tensor {name!r}")
+        if int(parts[1]) not in m["layers"]:
+            raise UsageError(f"{what}: tensor {name!r} is in a block that metadata 'layers' does not list")
         if not t.is_floating_point():
             raise UsageError(f"{what}: tensor {name!r} is {t.dtype}, expected floating point")
+        if t.dim() not in _DIMS.get(parts[2], (2,)):
+            raise UsageError(f"{what}: tensor {name!r} has {t.dim()} dimensions, expected {_DIMS.get(parts[2], 2)}")
         if not torch.isfinite(t).all():
             raise UsageError(f"{what}: tensor {name!r} has NaN or Inf values")
         layers.setdefault(int(parts[1]), {})[parts[2]] = t
+    if sum(t.numel() for t in tensors.values()) != m["parameters"]:
+        raise UsageError(f"{what}: metadata 'parameters' is {m['parameters']}, unlike the numbers its tensors hold")
     out = {}
     for i, parts in layers.items():
         lp = LayerPatch(**{f: parts.get(name) for f, name in _PARTS.items()})
@@ -178,8 +190,29 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
             lp.matrix_a is not None and lp.matrix_a.shape != lp.matrix_b.shape
         ):
             raise UsageError(f"{what}: layer {i} needs matrix.A and matrix.B of the same shape")
+        w = lp.attn_weight
+        if w is not None and w.dim() == 3 and w.shape[1] != w.shape[2]:
+            raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(w.shape)}, expected (heads, d, d)")
         out[i] = lp
-    return Patch(out, placement, skip, meta)
+    fp = m.get("fingerprint")
+    if fp:  # the sizes the file declares must match its own tensors
+        _check_sizes(out, fp["hidden_size"], fp["num_layers"], what)
+    return Patch(out, m["placement"], m["skip_leading_tokens"], meta)
+
+
+def _check_sizes(layers: dict[int, LayerPatch], hidden: int, n_layers: int, what: str) -> None:
+    for i, lp in layers.items():
+        if i >= n_layers:
+            raise UsageError(f"{what}: layer {i} is out of range for a model with {n_layers} blocks")
+        got = {
+            "vector": None if lp.vector is None else lp.vector.shape[0],
+            "matrix.A": None if lp.matrix_a is None else lp.matrix_a.shape[0],
+            "attn.query": None if lp.attn_query is None else lp.attn_query.shape[1],
+            "attn.gate": None if lp.attn_gate is None else lp.attn_gate.shape[1] - 1,
+        }
+        for name, n in got.items():
+            if n is not None and n != hidden:
+                raise UsageError(f"{what}: layer {i} {name} does not fit the hidden size {hidden} of its fingerprint")
 
 
 def validate_for(patch: Patch, hidden: int, n_layers: int, heads: int, head_dim: int, what: str = "patch") -> None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UsageError
 from .extract import Updates, check, extract, teacher_answers
-from .formats import fingerprint
+from .formats import check_tokenizer, fingerprint, tokenizer_sha256
 from .models import LoadedModel
 from .prompts import Prompt, TokenPairs, align, default_probes, sha256_text
 
@@ -27,7 +28,20 @@ __all__ = [
     "run_model_diff",
     "provenance",
     "fit_pairs",
+    "check_context",
 ]
+
+
+def check_context(lm: LoadedModel, pairs: TokenPairs, answer_tokens: int) -> None:
+    """Refuse, before any work, sequences longer than the model's context window."""
+    window = getattr(lm.model.config, "max_position_embeddings", None)
+    longest = max(len(q) for q in pairs.queries)
+    need = len(pairs.prefix_prompted) + longest + answer_tokens
+    if window and need > window:
+        raise UsageError(
+            f"the prompt ({len(pairs.prefix_prompted)} tokens), the longest query ({longest}) and the answer tokens "
+            f"({answer_tokens}) need {need} positions, but the model's context window is {window}; shorten them"
+        )
 
 
 def provenance(lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt: bool = True) -> dict[str, str]:
@@ -36,6 +50,7 @@ def provenance(lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt
         "base_model": lm.model_id,
         "base_model_revision": lm.revision or "",
         "fingerprint": json.dumps(fingerprint(lm.model.config), sort_keys=True),
+        "tokenizer_sha256": tokenizer_sha256(lm.tokenizer),
         "prompt_sha256": prompt.sha256,
         "probes_sha256": sha256_text("\n".join(queries)),
         "compute_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
@@ -90,6 +105,7 @@ def run_extract(
     seconds = {}
     t = time.perf_counter()
     pairs = align(lm.tokenizer, prompt, queries, chat)
+    check_context(lm, pairs, answer_tokens)
     log(
         f"{len(queries)} queries; prompt {len(pairs.prefix_prompted)} tokens, prompt-free prefix {len(pairs.prefix_free)}"
     )
@@ -141,6 +157,7 @@ def fit_pairs(
     from .engine import eos_ids, greedy
 
     pairs = align(lm.tokenizer, prompt, queries, chat)
+    check_context(lm, pairs, answer_tokens)
     out = teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
     eos = eos_ids(lm.model, lm.tokenizer)
     for s in range(samples):
@@ -185,6 +202,8 @@ def run_condense(lm: LoadedModel, updates: Updates, umeta: dict[str, str], cfg, 
     """Condense an updates file: parallel from its statistics, sequential by re-running the model."""
     from .condense import condense, condense_updates
 
+    check_tokenizer(umeta, lm.tokenizer, "the updates file")
+    check_context(lm, updates.pairs, 0)
     t0 = time.perf_counter()
     if cfg.construction == "parallel":
         patch = condense_updates(updates, cfg)
@@ -193,7 +212,7 @@ def run_condense(lm: LoadedModel, updates: Updates, umeta: dict[str, str], cfg, 
     keep = {
         k: v
         for k, v in umeta.items()
-        if k in ("prompt_sha256", "prompt", "probes_sha256", "answer_tokens", "compute_dtype")
+        if k in ("prompt_sha256", "prompt", "probes_sha256", "answer_tokens", "compute_dtype", "tokenizer_sha256")
     }
     _patch_meta(patch, lm, keep, updates.n_tokens, time.perf_counter() - t0)
     return patch, {"condense": time.perf_counter() - t0}
@@ -217,9 +236,9 @@ def run_eval(
     from .evaluate import evaluate, targets_for, tune_caa
 
     t = time.perf_counter()
-    held = targets_for(
-        lm.model, lm.tokenizer, align(lm.tokenizer, prompt, queries, chat), answer_tokens, max(batch_size, 32)
-    )
+    held_pairs = align(lm.tokenizer, prompt, queries, chat)
+    check_context(lm, held_pairs, answer_tokens)
+    held = targets_for(lm.model, lm.tokenizer, held_pairs, answer_tokens, max(batch_size, 32))
     methods: dict[str, object] = dict(patches) | {"none": None}
     report: dict = {"queries": len(queries), "answer_tokens": answer_tokens, "prompt_sha256": prompt.sha256}
     if caa:
