@@ -131,6 +131,8 @@ def run(args) -> dict:
                 file=sys.stderr,
             )
         results["tasks"][task.name] = scores
+        if args.out:  # partial results survive an interrupted run
+            Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
     return results
 
 

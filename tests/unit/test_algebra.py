@@ -17,10 +17,14 @@ from thoughtpatch.architectures import architecture_for
 from thoughtpatch.engine import blocks
 from thoughtpatch.errors import UsageError
 from thoughtpatch.files import save_tensors
+from thoughtpatch.formats import fingerprint
 from thoughtpatch.patch import LayerPatch, Patch, patch_from_bytes, patch_to_bytes
 from thoughtpatch.prompts import free_ids
 
-FP = json.dumps({"hidden_size": 32})
+
+def fp(lm, **change) -> str:
+    """The model's real fingerprint (optionally with some sizes changed)."""
+    return json.dumps(fingerprint(lm.model.config) | change, sort_keys=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def random_patch(lm, seed: int, attn: str = "full", rank: int = 3, placement: st
         )  # fmt: skip
         for i in range(lm.model.config.num_hidden_layers)
     }
-    return Patch(layers, placement, skip, {"fingerprint": FP, "base_model": "tiny", "prompt_sha256": f"p{seed}"})
+    return Patch(layers, placement, skip, {"fingerprint": fp(lm), "base_model": "tiny", "prompt_sha256": f"p{seed}"})
 
 
 def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:
@@ -138,7 +142,7 @@ def test_merge_refuses_what_it_cannot_sum_exactly(lm):
     with pytest.raises(UsageError, match="different sites"):
         merge([a, random_patch(lm, 9, placement="attn_out")])
     other = random_patch(lm, 9)
-    other.meta["fingerprint"] = json.dumps({"hidden_size": 64})
+    other.meta["fingerprint"] = fp(lm, hidden_size=64)
     with pytest.raises(UsageError, match="different base models"):
         merge([a, other])
     assert merge([a, other], force=True).layers
@@ -159,7 +163,7 @@ def files(lm, tmp_path_factory):
     return d
 
 
-def test_merge_command_is_deterministic_and_records_parents(files):
+def test_merge_command_is_deterministic_and_records_parents(files, lm):
     d = files
     args = ("merge", str(d / "a.safetensors"), str(d / "b.safetensors"), "--weights", "1,-0.5", "-q")
     r1, r2 = run_cli(*args, "-o", str(d / "m1.safetensors")), run_cli(*args, "-o", str(d / "m2.safetensors"))
@@ -169,7 +173,7 @@ def test_merge_command_is_deterministic_and_records_parents(files):
     parents = json.loads(m.meta["merge.parents"])
     assert [p["weight"] for p in parents] == [1.0, -0.5]
     assert parents[0]["sha256"] == hashlib.sha256((d / "a.safetensors").read_bytes()).hexdigest()
-    assert m.meta["fingerprint"] == FP and m.meta["method.construction"] == "merge"
+    assert m.meta["fingerprint"] == fp(lm) and m.meta["method.construction"] == "merge"
     r = run_cli("merge", str(d / "m1.safetensors"), "--method", "svd", "--rank", "2", "-o", str(d / "s.safetensors"), "--json")  # fmt: skip
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and 0 < doc["recompression"]["relative_error"] < 1
