@@ -14,8 +14,15 @@ Block forms:
 
 * ``pre_norm``: ``r = h + Attn(N1 h)``; ``h' = r + MLP(N2 r)`` (Llama, Mistral, Qwen, Phi-3, GPT-2).
 * ``sandwich``: ``r = h + P1(Attn(N1 h))``; ``h' = r + P2(MLP(N2 r))`` (Gemma-2, Gemma-3).
+* ``parallel``: ``h' = h + Attn(N1 h) + MLP(N2 h)`` (GPT-NeoX, GPT-J, Phi-1/2, Falcon, Cohere), often
+  with ``N2 = N1``. The mid-residual is ``r = h + Attn(N1 h)``; the MLP input ``z = N2(h)`` does not
+  depend on the context once ``h`` does not, so the context acts through the vector alone (``u = 0``).
 
-The mid-residual ``r`` is the input of ``mlp_norm``; the MLP input ``z = N2(r)`` is its output.
+In the sequential forms the mid-residual ``r`` is the input of ``mlp_norm`` and the MLP input
+``z = N2(r)`` its output. Mixture-of-experts blocks are ``pre_norm`` blocks whose ``mlp_inputs`` are the
+router and the experts (every module that reads ``z``); ``router`` names the module whose top-k choice
+the exact updates must reproduce. ``when`` picks a declaration by config flags, for families whose
+block form is a config option (GPT-NeoX ``use_parallel_residual``, Falcon ``parallel_attn``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class Architecture:
     name: str
     model_types: tuple[str, ...]
     block: str = "pre_norm"
+    when: tuple[tuple[str, object], ...] = ()  # (config attribute, value) pairs that must all hold
     decoder: str = "model"  # the decoder stack inside the *ForCausalLM model
     layers: str = "model.layers"
     input_norm: str = "input_layernorm"
@@ -43,11 +51,18 @@ class Architecture:
     attn_out: str = "self_attn.o_proj"  # reads the concatenated head outputs
     post_attn_norm: str | None = None  # sandwich norm applied to the attention branch
     mlp_norm: str = "post_attention_layernorm"  # N2: reads r, writes z
-    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every matrix that reads z
-    mlp_out: str = "mlp.down_proj"
+    mlp: str = "mlp"  # the MLP (or mixture of experts) as a whole: reads z
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every module that reads z
+    mlp_out: str | None = "mlp.down_proj"
+    router: str | None = None  # mixture of experts: the module that picks each token's experts
     post_mlp_norm: str | None = None
     transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
     mlp_bias_flag: str | None = "mlp_bias"  # config flag that gives the down projection a bias
+    tuple_output: bool = False  # blocks return (hidden, ...) and the decoder takes [0]
+    note: str = ""  # what else sets the family apart (shown in docs/coverage.md)
+
+    def matches(self, config) -> bool:
+        return config.model_type in self.model_types and all(getattr(config, k, v) == v for k, v in self.when)
 
     @property
     def branch(self) -> str:
@@ -57,7 +72,7 @@ class Architecture:
     @property
     def vector_bakes(self) -> bool:
         """True where a vector on the residual after the MLP equals a down-projection bias."""
-        return self.post_mlp_norm is None and self.block != "parallel"
+        return self.post_mlp_norm is None and self.block != "parallel" and self.mlp_out is not None
 
 
 _SANDWICH = dict(
@@ -67,6 +82,9 @@ _SANDWICH = dict(
     post_mlp_norm="post_feedforward_layernorm",
     mlp_bias_flag=None,
 )
+
+_PARALLEL = dict(block="parallel", mlp_bias_flag=None)
+_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate", mlp_bias_flag=None)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama",)),
@@ -91,19 +109,124 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         transposed=True,
         mlp_bias_flag=None,  # c_proj always has a bias
     ),
+    # dense pre-norm families
+    Architecture("olmo", ("olmo",), note="LayerNorm without weights"),
+    Architecture("granite", ("granite",), note="residual, attention, embedding and logit multipliers"),
+    Architecture("smollm3", ("smollm3",), mlp_bias_flag=None, note="no rotary embedding on some layers"),
+    Architecture(
+        "stablelm",
+        ("stablelm",),
+        when=(("use_parallel_residual", False),),
+        mlp_bias_flag=None,
+        note="LayerNorm, partial rotary",
+    ),
+    Architecture(
+        "gpt_neox_sequential",
+        ("gpt_neox",),
+        when=(("use_parallel_residual", False),),
+        decoder="gpt_neox",
+        layers="gpt_neox.layers",
+        attention="attention",
+        attn_out="attention.dense",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_bias_flag=None,
+    ),
+    # parallel blocks: attention and MLP read the same block input
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),
+        when=(("use_parallel_residual", True),),
+        decoder="gpt_neox",
+        layers="gpt_neox.layers",
+        attention="attention",
+        attn_out="attention.dense",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        note="two norms: N2 reads h",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "gptj",
+        ("gptj",),
+        decoder="transformer",
+        layers="transformer.h",
+        input_norm="ln_1",
+        attention="attn",
+        attn_out="attn.out_proj",
+        mlp_norm="ln_1",
+        mlp_inputs=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "phi",
+        ("phi",),
+        attn_out="self_attn.dense",
+        mlp_norm="input_layernorm",
+        mlp_inputs=("mlp.fc1",),
+        mlp_out="mlp.fc2",
+        note="one shared norm, partial rotary",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "falcon",
+        ("falcon",),
+        when=(("parallel_attn", True), ("new_decoder_architecture", False)),
+        decoder="transformer",
+        layers="transformer.h",
+        attention="self_attention",
+        attn_out="self_attention.dense",
+        mlp_norm="input_layernorm",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        tuple_output=True,
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "cohere",
+        ("cohere",),
+        mlp_norm="input_layernorm",
+        note="one shared norm, logit scale",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "stablelm_parallel",
+        ("stablelm",),
+        when=(("use_parallel_residual", True),),
+        mlp_norm="input_layernorm",
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    # mixtures of experts: the router and every expert read z
+    Architecture("mixtral", ("mixtral",), note="top-2 of 8 experts", **_MOE),
+    Architecture("olmoe", ("olmoe",), note="top-8 of 64 experts, q/k norms", **_MOE),
+    Architecture("qwen3_moe", ("qwen3_moe",), note="top-8 of 128 experts, q/k norms", **_MOE),
+    Architecture(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        note="routed experts plus a gated shared expert",
+        **(_MOE | dict(mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"))),
+    ),
 )
 
 
-def architecture_for(model_or_type: nn.Module | str) -> Architecture:
-    """The declaration for a model (or a ``config.model_type``); a clear error if there is none."""
-    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
+def architecture_for(model_or_config) -> Architecture:
+    """The declaration for a model (or its config); a clear error that says how to add one if there is none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", "?")
     for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
+        if arch.matches(config):
             return arch
-    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    known = [a for a in ARCHITECTURES if model_type in a.model_types]
+    what = f"this {model_type!r} variant ({', '.join(f'{k}={getattr(config, k, None)}' for a in known for k, _ in a.when)})"
+    supported = ", ".join(dict.fromkeys(t for a in ARCHITECTURES for t in a.model_types))
     raise UsageError(
-        f"unsupported architecture {model_type!r}; supported: {supported} "
-        "(add an Architecture declaration in thoughtpatch/architectures.py)"
+        f"unsupported architecture: {what if known else repr(model_type)}; supported: {supported}. "
+        "To add it, declare where its block's parts live (one Architecture in thoughtpatch/architectures.py, "
+        "see docs/architectures.md)"
     )
 
 
