@@ -106,10 +106,11 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
         specs.append((blk.layer if placement == "skip" else blk.branch, "fwd", add_vector))
     if lp.matrix_a is not None:
 
-        def matrix(module, args, z):
-            return z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T)
+        def matrix(module, args):  # z -> (I + M) z before every module that reads z (experts and router too)
+            z = args[0]
+            return (z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T), *args[1:])
 
-        specs.append((blk.mlp_norm, "fwd", matrix))
+        specs.append((blk.mlp, "pre", matrix))
     return specs
 
 

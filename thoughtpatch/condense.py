@@ -28,6 +28,7 @@ from .engine import (
     blocks,
     hooks,
     layer_calls,
+    mid_taps,
     pad_right,
     prefix_cache,
     prefix_mask,
@@ -374,21 +375,19 @@ class _Prompted:
             calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
             self.chunks.append((calls.calls, calls.hidden, valid.bool()))
 
-    def step(self, blk: Block) -> tuple[Tensor, Tensor]:
-        """Run block ``blk`` on every chunk: its head outputs and mid-residuals at the query rows."""
-        os, rs = [], []
+    def step(self, blk: Block) -> tuple[Tensor, Tensor, Tensor]:
+        """Run block ``blk`` on every chunk: its head outputs, mid-residuals and MLP inputs at the query rows."""
+        os, rs, zs = [], [], []
         for n, (calls, h, valid) in enumerate(self.chunks):
             seen: dict[str, Tensor] = {}
-            specs = [
-                (blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])),
-                (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
-            ]
+            specs = [(blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])), *mid_taps(blk, seen)]
             with hooks(specs):
                 h = run_block(blk, h, calls[blk.index])
             self.chunks[n] = (calls, h, valid)
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
-        return torch.cat(os), torch.cat(rs)
+            zs.append(seen["z"][valid])
+        return torch.cat(os), torch.cat(rs), torch.cat(zs)
 
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
@@ -473,14 +472,10 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         def grab_o(m, a):
             rec["o"] = a[0]
 
-        def grab_r(m, a, out):
-            rec["r"], rec["z"] = a[0], out
-            raise StopBlock
-
-        return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), (blk.mlp_norm, "fwd", grab_r)]
+        return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
 
     _run_free(blk, chunks, pos, tap)
-    o_c, r_c = targets
+    o_c, r_c, z_c = targets
     h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
@@ -506,9 +501,13 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         r_0 = _gather(chunks, "r", seen)[keep]
         delta = r_c[keep] - r_0
         v = delta.double().mean(0).to(r_0.dtype) if cfg.vector else None
-        attn_out = cfg.placement == "attn_out" and v is not None
-        a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
-        u = blk.mlp_norm(r_c[keep]) - a
+        if blk.parallel:  # the MLP reads the block input: the vector never reaches it
+            a = _gather(chunks, "z", seen)[keep]
+            u = z_c[keep] - a
+        else:
+            attn_out = cfg.placement == "attn_out" and v is not None
+            a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
+            u = blk.mlp_norm(r_c[keep]) - a
         vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg)
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
