@@ -22,6 +22,25 @@ CORPUS = [
 ]
 
 
+QUERIES = [
+    "What is the capital of France?",
+    "Tell me a story about a cat",
+    "1 2 3",
+    "How do I boil an egg? Answer briefly and politely, like a pirate.",
+    "dog",
+]
+
+
+def prompts():
+    """A system prompt and a few-shot prompt (the identity test's and the coverage table's)."""
+    from thoughtpatch import Prompt
+
+    return [
+        Prompt("You are a pirate. Speak like a pirate in every answer."),
+        Prompt("Translate the sentence into French.", (("Hello", "Bonjour"), ("the cat", "le chat"))),
+    ]
+
+
 def tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

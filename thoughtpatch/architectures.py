@@ -201,9 +201,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         **_PARALLEL,
     ),
     # mixtures of experts: the router and every expert read z
-    Architecture("mixtral", ("mixtral",), note="top-2 of 8 experts", **_MOE),
-    Architecture("olmoe", ("olmoe",), note="top-8 of 64 experts, q/k norms", **_MOE),
-    Architecture("qwen3_moe", ("qwen3_moe",), note="top-8 of 128 experts, q/k norms", **_MOE),
+    Architecture("mixtral", ("mixtral",), **_MOE),
+    Architecture("olmoe", ("olmoe",), note="q/k norms", **_MOE),
+    Architecture("qwen3_moe", ("qwen3_moe",), note="q/k norms", **_MOE),
     Architecture(
         "qwen2_moe",
         ("qwen2_moe",),

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from test_extract_exact import PROMPTS, QUERIES
-from tiny import FAMILIES, SPECS, config
+from test_extract_exact import PROMPTS
+from tiny import FAMILIES, QUERIES, SPECS, config
 
 from thoughtpatch import ARCHITECTURES, align, architecture_for, check, extract, load_model, teacher_answers
 from thoughtpatch.apply import installed

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import FAMILIES
+from tiny import FAMILIES, QUERIES, prompts
 
-from thoughtpatch import Prompt, align, check, extract, load_model, teacher_answers
+from thoughtpatch import align, check, extract, load_model, teacher_answers
 
-QUERIES = [
-    "What is the capital of France?",
-    "Tell me a story about a cat",
-    "1 2 3",
-    "How do I boil an egg? Answer briefly and politely, like a pirate.",
-    "dog",
-]
-PROMPTS = [
-    Prompt("You are a pirate. Speak like a pirate in every answer."),
-    Prompt("Translate the sentence into French.", (("Hello", "Bonjour"), ("the cat", "le chat"))),
-]
-
+PROMPTS = prompts()
 
 # Every family with a chat template; without one (plain) on the first families and one of each other block form.
 PLAIN = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "phi3", "gptj", "mixtral"}
