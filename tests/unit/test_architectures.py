@@ -16,7 +16,7 @@ from thoughtpatch.engine import blocks
 from thoughtpatch.errors import UsageError
 from thoughtpatch.patch import LayerPatch, Patch
 
-MOE = [a.name for a in ARCHITECTURES if a.router]
+MOE = ["mixtral", "qwen2_moe"]  # plain routed experts; with a gated shared expert (all four: the identity test)
 
 
 def test_every_declaration_has_a_pico_model():
@@ -77,6 +77,12 @@ def test_transmute_apply_eval_end_to_end(tmp_path, tiny_dir, family):
     (tmp_path / "fit.txt").write_text("\n".join(QUERIES[:4]) + "\n")
     (tmp_path / "held.txt").write_text("the lazy fox\nplease tell me\n")
     model, patch = str(tiny_dir(family)), str(tmp_path / "p.safetensors")
+    if family == "mixtral":  # extract --check reports the routing of a mixture of experts
+        r = run_cli("extract", str(tmp_path / "prompt.txt"), "--model", model, "--probes", str(tmp_path / "fit.txt"),
+                    "--dtype", "float64", "--check", "--json", "--answer-tokens", "2", "-o", str(tmp_path / "u.st"))  # fmt: skip
+        doc = json.loads(r.stdout)
+        assert doc["max_logit_error"] <= 1e-9 and doc["expert_choices"]["differ"] == 0, r.stderr.decode()
+        assert doc["expert_choices"]["choices"] == doc["tokens"] * 3
     r = run_cli("transmute", str(tmp_path / "prompt.txt"), "--model", model, "--probes", str(tmp_path / "fit.txt"),
                 "-o", patch, "--compact", "--answer-tokens", "2", "-q")  # fmt: skip
     assert r.returncode == 0, r.stderr.decode()
