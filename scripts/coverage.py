@@ -48,10 +48,10 @@ def norms(model: torch.nn.Module) -> str:
     """The norms of one block: N1, N2 (``N1 = N2`` where shared) and the sandwich norms, with their kind."""
     arch = architecture_for(model)
     blk = blocks(model, arch)[0]
-    names = "N1 = N2" if blk.input_norm is blk.mlp_norm else "N1, N2"
+    names = [] if blk.input_norm is None else ["N1 = N2" if blk.input_norm is blk.mlp_norm else "N1, N2"]
     if arch.post_attn_norm:
-        names += ", P1, P2"
-    return f"{names}: {_kind(blk.input_norm)}"
+        names.append("P1, P2")
+    return f"{', '.join(names)}: {_kind(blk.input_norm or blk.branch)}"
 
 
 def identity(model: torch.nn.Module, tokenizer, prompts, queries, answer_tokens: int, batch_size: int) -> float:

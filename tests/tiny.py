@@ -76,6 +76,7 @@ SPECS: dict[str, tuple[str, dict]] = {
     "phi3": ("phi3", {"num_key_value_heads": None}),
     "gpt2": ("gpt2", {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 256}),
     "olmo": ("olmo", {}),
+    "olmo2": ("olmo2", {}),
     "granite": (
         "granite",
         {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "attention_multiplier": 0.3, "logits_scaling": 2.0},

@@ -74,7 +74,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
     seen: dict[str, Tensor] = {}
     if any(t is not None for t in (lp.attn_weight, lp.attn_bias, lp.attn_query, lp.attn_gate)):
         if lp.in_memory_only:
-            specs.append((blk.input_norm, "fwd", lambda m, a, out: seen.__setitem__("x", out)))
+            specs.append(blk.attn_input(lambda x: seen.__setitem__("x", x)))
 
         def attn(module, args):
             o = args[0]

@@ -14,6 +14,7 @@ Block forms:
 
 * ``pre_norm``: ``r = h + Attn(N1 h)``; ``h' = r + MLP(N2 r)`` (Llama, Mistral, Qwen, Phi-3, GPT-2).
 * ``sandwich``: ``r = h + P1(Attn(N1 h))``; ``h' = r + P2(MLP(N2 r))`` (Gemma-2, Gemma-3).
+* ``post_norm``: ``r = h + P1(Attn(h))``; ``h' = r + P2(MLP(r))`` (OLMo-2): no N1, N2 (``None``), ``z = r``.
 * ``parallel``: ``h' = h + Attn(N1 h) + MLP(N2 h)`` (GPT-NeoX, GPT-J, Phi-1/2, Falcon, Cohere), often
   with ``N2 = N1``. The mid-residual is ``r = h + Attn(N1 h)``; the MLP input ``z = N2(h)`` does not
   depend on the context once ``h`` does not, so the context acts through the vector alone (``u = 0``).
@@ -46,11 +47,11 @@ class Architecture:
     when: tuple[tuple[str, object], ...] = ()  # (config attribute, value) pairs that must all hold
     decoder: str = "model"  # the decoder stack inside the *ForCausalLM model
     layers: str = "model.layers"
-    input_norm: str = "input_layernorm"
+    input_norm: str | None = "input_layernorm"  # None: the attention reads h itself
     attention: str = "self_attn"
     attn_out: str = "self_attn.o_proj"  # reads the concatenated head outputs
     post_attn_norm: str | None = None  # sandwich norm applied to the attention branch
-    mlp_norm: str = "post_attention_layernorm"  # N2: reads r, writes z
+    mlp_norm: str | None = "post_attention_layernorm"  # N2: reads r, writes z (None: z = r)
     mlp: str = "mlp"  # the MLP (or mixture of experts) as a whole: reads z
     mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every module that reads z
     mlp_out: str | None = "mlp.down_proj"
@@ -111,6 +112,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     # dense pre-norm families
     Architecture("olmo", ("olmo",), note="LayerNorm without weights"),
+    Architecture(
+        "olmo2",
+        ("olmo2",),
+        block="post_norm",
+        input_norm=None,
+        post_attn_norm="post_attention_layernorm",
+        mlp_norm=None,
+        post_mlp_norm="post_feedforward_layernorm",
+        mlp_bias_flag=None,
+        note="q/k norms",
+    ),
     Architecture("granite", ("granite",), note="residual, attention, embedding and logit multipliers"),
     Architecture("smollm3", ("smollm3",), mlp_bias_flag=None, note="no rotary embedding on some layers"),
     Architecture(

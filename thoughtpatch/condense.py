@@ -466,13 +466,13 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
     def tap(ch):  # record the head outputs, the mid-residual and the MLP input; stop before the MLP
         rec = seen.setdefault(id(ch), {})
 
-        def grab_x(m, a, out):
-            rec["x"] = out
+        def grab_x(x):
+            rec["x"] = x
 
         def grab_o(m, a):
             rec["o"] = a[0]
 
-        return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
+        return [blk.attn_input(grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
 
     _run_free(blk, chunks, pos, tap)
     o_c, r_c, z_c = targets
@@ -506,8 +506,8 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
             u = z_c[keep] - a
         else:
             attn_out = cfg.placement == "attn_out" and v is not None
-            a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
-            u = blk.mlp_norm(r_c[keep]) - a
+            a = blk.norm2(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
+            u = blk.norm2(r_c[keep]) - a
         vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg)
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)

@@ -47,15 +47,25 @@ class Block:
 
     index: int
     layer: nn.Module
-    input_norm: nn.Module
+    input_norm: nn.Module | None  # None: the attention reads the block input itself (post-norm blocks)
     attn_out: nn.Module
     branch: nn.Module
-    mlp_norm: nn.Module
+    mlp_norm: nn.Module | None  # None: the MLP reads the mid-residual itself
     mlp: nn.Module
     mlp_inputs: list[nn.Module]
     router: nn.Module | None
     transposed: bool
     parallel: bool
+
+    def norm2(self, r: Tensor) -> Tensor:
+        """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
+        return r if self.mlp_norm is None else self.mlp_norm(r)
+
+    def attn_input(self, fn: Callable[[Tensor], None]) -> tuple[nn.Module, str, Callable]:
+        """A hook spec that passes what the attention reads (``N1 h``, or ``h`` without N1) to ``fn``."""
+        if self.input_norm is None:
+            return (self.layer, "pre", lambda m, a: fn(a[0]))
+        return (self.input_norm, "fwd", lambda m, a, out: fn(out))
 
 
 def _inputs(layer: nn.Module, arch: Architecture) -> list[nn.Module]:
@@ -79,10 +89,10 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
         Block(
             i,
             layer,
-            submodule(layer, arch.input_norm),
+            arch.input_norm and submodule(layer, arch.input_norm),
             submodule(layer, arch.attn_out),
             submodule(layer, arch.branch),
-            submodule(layer, arch.mlp_norm),
+            arch.mlp_norm and submodule(layer, arch.mlp_norm),
             submodule(layer, arch.mlp),
             _inputs(layer, arch),
             _find(layer, arch.router),
@@ -105,6 +115,8 @@ def mid_taps(blk: Block, seen: dict[str, Tensor], stop: bool = False) -> list[tu
         if stop:
             raise StopBlock
 
+    if blk.mlp_norm is None:
+        return [(blk.mlp, "pre", lambda m, a: grab(m, a, a[0]))]
     if not blk.parallel:
         return [(blk.mlp_norm, "fwd", grab)]
 

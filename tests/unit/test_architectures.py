@@ -12,6 +12,7 @@ from tiny import FAMILIES, QUERIES, SPECS, config
 
 from thoughtpatch import ARCHITECTURES, align, architecture_for, check, extract, load_model, teacher_answers
 from thoughtpatch.apply import installed
+from thoughtpatch.condense import condense
 from thoughtpatch.engine import blocks
 from thoughtpatch.errors import UsageError
 from thoughtpatch.patch import LayerPatch, Patch
@@ -111,3 +112,20 @@ def test_coverage_table_lists_every_family():
     table = (Path(__file__).parents[2] / "docs" / "coverage.md").read_text()
     rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")}
     assert rows == {a.name for a in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gptj"])
+def test_condensed_patch_moves_towards_the_prompt(tiny_dir, family):
+    """Post-norm and parallel blocks (MoE: the CLI test above): the compact patch (vectors, matrices, head scales) helps."""
+    from thoughtpatch.constants import PRESETS
+    from thoughtpatch.evaluate import evaluate, targets_for
+
+    lm = load_model(str(tiny_dir(family)), dtype="float64")
+    prompt = PROMPTS[0]
+    fit_q = [f"{a} {b}" for a in ("the dog", "a cat", "the fox") for b in ("jumps", "is lazy", "please", "1 2 3")]
+    fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, fit_q), 3)
+    held = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, ["the quick dog", "a lazy cat 5"]), 3)
+    patch = condense(lm.model, fit, PRESETS["compact"])
+    assert all(lp.vector is not None and lp.matrix_a is not None for lp in patch.layers.values())
+    res = evaluate(lm.model, held, {"none": None, "compact": patch})
+    assert res["compact"]["kl"] < res["none"]["kl"], res
