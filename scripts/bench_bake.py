@@ -35,7 +35,7 @@ src, patch, out = sys.argv[1:]
 torch.set_grad_enabled(False)
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 config = json.loads((Path(src) / "config.json").read_text())
-plan = plan_bake([patch_from_bytes(Path(patch).read_bytes())], architecture_for(config["model_type"]), config)
+plan = plan_bake([patch_from_bytes(Path(patch).read_bytes())], architecture_for(model.config), config)
 sd = model.state_dict()
 baked = {k: bake_tensor(k, v, plan, sd.__getitem__) for k, v in sd.items()}
 for name, w in plan.new.items():

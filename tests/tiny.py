@@ -22,6 +22,25 @@ CORPUS = [
 ]
 
 
+QUERIES = [
+    "What is the capital of France?",
+    "Tell me a story about a cat",
+    "1 2 3",
+    "How do I boil an egg? Answer briefly and politely, like a pirate.",
+    "dog",
+]
+
+
+def prompts():
+    """A system prompt and a few-shot prompt (the identity test's and the coverage table's)."""
+    from thoughtpatch import Prompt
+
+    return [
+        Prompt("You are a pirate. Speak like a pirate in every answer."),
+        Prompt("Translate the sentence into French.", (("Hello", "Bonjour"), ("the cat", "le chat"))),
+    ]
+
+
 def tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -42,19 +61,47 @@ def tokenizer():
     return fast
 
 
-def config(family: str, vocab: int = 400):
-    from transformers import (
-        Gemma2Config,
-        Gemma3TextConfig,
-        GemmaConfig,
-        GPT2Config,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-    )
+# Per family: the model type and what its pico config sets beyond the common sizes. Several families declare
+# their block form through a config flag; each form is its own entry. MoE configs use few, small experts with
+# top-2 routing, so routing decisions are real choices.
+_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+SPECS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 8}),
+    "gemma": ("gemma", {"head_dim": 8}),
+    "gemma2": ("gemma2", {"head_dim": 8, "sliding_window": 8}),  # local layers really are local
+    "gemma3": ("gemma3_text", {"head_dim": 8, "sliding_window": 8}),
+    "phi3": ("phi3", {"num_key_value_heads": None}),
+    "gpt2": ("gpt2", {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 256}),
+    "olmo": ("olmo", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": (
+        "granite",
+        {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "attention_multiplier": 0.3, "logits_scaling": 2.0},
+    ),
+    "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),
+    "stablelm": ("stablelm", {"use_parallel_residual": False, "partial_rotary_factor": 0.5}),
+    "gpt_neox_sequential": ("gpt_neox", {"use_parallel_residual": False, "rotary_pct": 0.5}),
+    "gpt_neox": ("gpt_neox", {"use_parallel_residual": True, "rotary_pct": 0.5}),
+    "gptj": ("gptj", {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 256, "rotary_dim": 4}),
+    "phi": ("phi", {"partial_rotary_factor": 0.5}),
+    "falcon": ("falcon", {"parallel_attn": True, "new_decoder_architecture": False, "multi_query": True}),
+    "cohere": ("cohere", {"logit_scale": 0.5}),
+    "stablelm_parallel": ("stablelm", {"use_parallel_residual": True}),
+    "mixtral": ("mixtral", _MOE),
+    "olmoe": ("olmoe", _MOE),
+    "qwen3_moe": ("qwen3_moe", _MOE | {"head_dim": 8}),
+    "qwen2_moe": ("qwen2_moe", _MOE | {"shared_expert_intermediate_size": 24}),
+}
+FAMILIES = list(SPECS)
 
+
+def config(family: str, vocab: int = 400):
+    from transformers import AutoConfig
+
+    model_type, extra = SPECS[family]
     common = dict(
         vocab_size=vocab,
         hidden_size=32,
@@ -67,32 +114,8 @@ def config(family: str, vocab: int = 400):
         eos_token_id=2,
         pad_token_id=0,
     )
-    if family == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=2
-        )
-    cls = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-        "gemma": GemmaConfig,
-        "gemma2": Gemma2Config,
-        "gemma3": Gemma3TextConfig,
-        "phi3": Phi3Config,
-    }[family]
-    extra = {}
-    if family in ("gemma", "gemma2", "gemma3", "qwen3"):
-        extra["head_dim"] = 8
-    if family in ("gemma2", "gemma3"):
-        extra["sliding_window"] = 8  # shorter than the sequences, so local layers really are local
-    if family == "phi3":
-        common.pop("num_key_value_heads")
-        pass
-    return cls(**common, **extra)
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "phi3"]
+    kwargs = {k: v for k, v in (common | extra).items() if v is not None}
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def build(family: str, folder: Path, seed: int = 0, tok=None) -> Path:

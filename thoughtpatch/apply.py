@@ -74,7 +74,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
     seen: dict[str, Tensor] = {}
     if any(t is not None for t in (lp.attn_weight, lp.attn_bias, lp.attn_query, lp.attn_gate)):
         if lp.in_memory_only:
-            specs.append((blk.input_norm, "fwd", lambda m, a, out: seen.__setitem__("x", out)))
+            specs.append(blk.attn_input(lambda x: seen.__setitem__("x", x)))
 
         def attn(module, args):
             o = args[0]
@@ -106,10 +106,11 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
         specs.append((blk.layer if placement == "skip" else blk.branch, "fwd", add_vector))
     if lp.matrix_a is not None:
 
-        def matrix(module, args, z):
-            return z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T)
+        def matrix(module, args):  # z -> (I + M) z before every module that reads z (experts and router too)
+            z = args[0]
+            return (z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T), *args[1:])
 
-        specs.append((blk.mlp_norm, "fwd", matrix))
+        specs.append((blk.mlp, "pre", matrix))
     return specs
 
 

@@ -14,8 +14,16 @@ Block forms:
 
 * ``pre_norm``: ``r = h + Attn(N1 h)``; ``h' = r + MLP(N2 r)`` (Llama, Mistral, Qwen, Phi-3, GPT-2).
 * ``sandwich``: ``r = h + P1(Attn(N1 h))``; ``h' = r + P2(MLP(N2 r))`` (Gemma-2, Gemma-3).
+* ``post_norm``: ``r = h + P1(Attn(h))``; ``h' = r + P2(MLP(r))`` (OLMo-2): no N1, N2 (``None``), ``z = r``.
+* ``parallel``: ``h' = h + Attn(N1 h) + MLP(N2 h)`` (GPT-NeoX, GPT-J, Phi-1/2, Falcon, Cohere), often
+  with ``N2 = N1``. The mid-residual is ``r = h + Attn(N1 h)``; the MLP input ``z = N2(h)`` does not
+  depend on the context once ``h`` does not, so the context acts through the vector alone (``u = 0``).
 
-The mid-residual ``r`` is the input of ``mlp_norm``; the MLP input ``z = N2(r)`` is its output.
+In the sequential forms the mid-residual ``r`` is the input of ``mlp_norm`` and the MLP input
+``z = N2(r)`` its output. Mixture-of-experts blocks are ``pre_norm`` blocks whose ``mlp_inputs`` are the
+router and the experts (every module that reads ``z``); ``router`` names the module whose top-k choice
+the exact updates must reproduce. ``when`` picks a declaration by config flags, for families whose
+block form is a config option (GPT-NeoX ``use_parallel_residual``, Falcon ``parallel_attn``).
 """
 
 from __future__ import annotations
@@ -36,15 +44,18 @@ class Architecture:
     name: str
     model_types: tuple[str, ...]
     block: str = "pre_norm"
+    when: tuple[tuple[str, object], ...] = ()  # (config attribute, value) pairs that must all hold
     decoder: str = "model"  # the decoder stack inside the *ForCausalLM model
     layers: str = "model.layers"
-    input_norm: str = "input_layernorm"
+    input_norm: str | None = "input_layernorm"  # None: the attention reads h itself
     attention: str = "self_attn"
     attn_out: str = "self_attn.o_proj"  # reads the concatenated head outputs
     post_attn_norm: str | None = None  # sandwich norm applied to the attention branch
-    mlp_norm: str = "post_attention_layernorm"  # N2: reads r, writes z
-    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every matrix that reads z
-    mlp_out: str = "mlp.down_proj"
+    mlp_norm: str | None = "post_attention_layernorm"  # N2: reads r, writes z (None: z = r)
+    mlp: str = "mlp"  # the MLP (or mixture of experts) as a whole: reads z
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # every module that reads z
+    mlp_out: str | None = "mlp.down_proj"
+    router: str | None = None  # mixture of experts: the module that picks each token's experts
     post_mlp_norm: str | None = None
     transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
     # Biases a baked patch may need (``o_proj`` for the attention map's constant part and ``attn_out`` vectors,
@@ -61,6 +72,11 @@ class Architecture:
     mlp_bias_flag: str | None = None
     mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
+    tuple_output: bool = False  # blocks return (hidden, ...) and the decoder takes [0]
+    note: str = ""  # what else sets the family apart (shown in docs/coverage.md)
+
+    def matches(self, config) -> bool:
+        return config.model_type in self.model_types and all(getattr(config, k, v) == v for k, v in self.when)
 
     @property
     def branch(self) -> str:
@@ -70,7 +86,7 @@ class Architecture:
     @property
     def vector_bakes(self) -> bool:
         """True where a vector on the residual after the MLP equals a down-projection bias."""
-        return self.post_mlp_norm is None and self.block != "parallel"
+        return self.post_mlp_norm is None and self.block != "parallel" and self.mlp_out is not None
 
 
 _SANDWICH = dict(
@@ -80,6 +96,9 @@ _SANDWICH = dict(
     post_mlp_norm="post_feedforward_layernorm",
     attn_bias_flag="attention_bias",
 )
+
+_PARALLEL = dict(block="parallel", mlp_bias_flag=None)
+_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate", mlp_bias_flag=None)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama",), attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
@@ -106,19 +125,135 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_bias_flag="always",
         config_names=(("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head")),
     ),
+    # dense pre-norm families
+    Architecture("olmo", ("olmo",), note="LayerNorm without weights"),
+    Architecture(
+        "olmo2",
+        ("olmo2",),
+        block="post_norm",
+        input_norm=None,
+        post_attn_norm="post_attention_layernorm",
+        mlp_norm=None,
+        post_mlp_norm="post_feedforward_layernorm",
+        mlp_bias_flag=None,
+        note="q/k norms",
+    ),
+    Architecture("granite", ("granite",), note="residual, attention, embedding and logit multipliers"),
+    Architecture("smollm3", ("smollm3",), mlp_bias_flag=None, note="no rotary embedding on some layers"),
+    Architecture(
+        "stablelm",
+        ("stablelm",),
+        when=(("use_parallel_residual", False),),
+        mlp_bias_flag=None,
+        note="LayerNorm, partial rotary",
+    ),
+    Architecture(
+        "gpt_neox_sequential",
+        ("gpt_neox",),
+        when=(("use_parallel_residual", False),),
+        decoder="gpt_neox",
+        layers="gpt_neox.layers",
+        attention="attention",
+        attn_out="attention.dense",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_bias_flag=None,
+    ),
+    # parallel blocks: attention and MLP read the same block input
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),
+        when=(("use_parallel_residual", True),),
+        decoder="gpt_neox",
+        layers="gpt_neox.layers",
+        attention="attention",
+        attn_out="attention.dense",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        note="two norms: N2 reads h",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "gptj",
+        ("gptj",),
+        decoder="transformer",
+        layers="transformer.h",
+        input_norm="ln_1",
+        attention="attn",
+        attn_out="attn.out_proj",
+        mlp_norm="ln_1",
+        mlp_inputs=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "phi",
+        ("phi",),
+        attn_out="self_attn.dense",
+        mlp_norm="input_layernorm",
+        mlp_inputs=("mlp.fc1",),
+        mlp_out="mlp.fc2",
+        note="one shared norm, partial rotary",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "falcon",
+        ("falcon",),
+        when=(("parallel_attn", True), ("new_decoder_architecture", False)),
+        decoder="transformer",
+        layers="transformer.h",
+        attention="self_attention",
+        attn_out="self_attention.dense",
+        mlp_norm="input_layernorm",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        tuple_output=True,
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "cohere",
+        ("cohere",),
+        mlp_norm="input_layernorm",
+        note="one shared norm, logit scale",
+        **_PARALLEL,
+    ),
+    Architecture(
+        "stablelm_parallel",
+        ("stablelm",),
+        when=(("use_parallel_residual", True),),
+        mlp_norm="input_layernorm",
+        note="one shared norm",
+        **_PARALLEL,
+    ),
+    # mixtures of experts: the router and every expert read z
+    Architecture("mixtral", ("mixtral",), **_MOE),
+    Architecture("olmoe", ("olmoe",), note="q/k norms", **_MOE),
+    Architecture("qwen3_moe", ("qwen3_moe",), note="q/k norms", **_MOE),
+    Architecture(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        note="routed experts plus a gated shared expert",
+        **(_MOE | dict(mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"))),
+    ),
 )
 
 
-def architecture_for(model_or_type: nn.Module | str) -> Architecture:
-    """The declaration for a model (or a ``config.model_type``); a clear error if there is none."""
-    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
+def architecture_for(model_or_config) -> Architecture:
+    """The declaration for a model (or its config); a clear error that says how to add one if there is none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", "?")
     for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
+        if arch.matches(config):
             return arch
-    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    known = [a for a in ARCHITECTURES if model_type in a.model_types]
+    what = f"this {model_type!r} variant ({', '.join(f'{k}={getattr(config, k, None)}' for a in known for k, _ in a.when)})"
+    supported = ", ".join(dict.fromkeys(t for a in ARCHITECTURES for t in a.model_types))
     raise UsageError(
-        f"unsupported architecture {model_type!r}; supported: {supported} "
-        "(add an Architecture declaration in thoughtpatch/architectures.py)"
+        f"unsupported architecture: {what if known else repr(model_type)}; supported: {supported}. "
+        "To add it, declare where its block's parts live (one Architecture in thoughtpatch/architectures.py, "
+        "see docs/architectures.md)"
     )
 
 

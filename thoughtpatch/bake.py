@@ -80,7 +80,7 @@ def config_view(folder: Path) -> SimpleNamespace:
     if not path.is_file():
         raise UsageError(f"--model {folder}: no config.json there, so it is not a Hugging Face model folder")
     config = _json(path)
-    arch = architecture_for(str(config.get("model_type", "?")))
+    arch = architecture_for(SimpleNamespace(**config))
     return SimpleNamespace(**config, **{k: config.get(v) for k, v in arch.config_names})
 
 
@@ -419,7 +419,7 @@ def bake_checkpoint(
         raise UsageError(f"--model {src}: no config.json there, so it is not a Hugging Face model folder")
     _check_target(src, dst)
     config = _json(src / "config.json")
-    arch = architecture_for(str(config.get("model_type", "?")))
+    arch = architecture_for(SimpleNamespace(**config))
     plan = plan_bake(patches, arch, config, device, [r["file"] for r in records])
     shard_of = _shard_map(src)
     files = sorted(set(shard_of.values()))

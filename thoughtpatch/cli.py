@@ -35,7 +35,10 @@ _signal = 0  # the signal that interrupted the run, if any
 Model = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)."
+        "--model",
+        "-m",
+        help="Local Hugging Face model folder, or a packaged model's name: smollm2-135m-instruct (the default), "
+        "gemma-3-270m, qwen2.5-coder-0.5b-instruct.",
     ),
 ]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, float64, bfloat16 or float16.")]
@@ -235,6 +238,10 @@ def _print_extract(s: dict, to_stderr: bool) -> None:
         table.add_row(key, str(s[key]))
     if s["max_logit_error"] is not None:
         table.add_row("max_logit_error", f"{s['max_logit_error']:.3g}")
+    if "expert_choices" in s:
+        table.add_row(
+            "expert choices differing", f"{s['expert_choices']['differ']} of {s['expert_choices']['choices']}"
+        )
     norms = s["mean_delta_norm"]
     table.add_row(
         "mean |delta| (first, middle, last block)",

@@ -29,6 +29,7 @@ from .engine import (
     blocks,
     hooks,
     layer_calls,
+    mid_taps,
     pad_right,
     prefix_cache,
     prefix_mask,
@@ -430,21 +431,19 @@ class _Prompted:
             calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
             self.chunks.append((calls.calls, calls.hidden, valid.bool()))
 
-    def step(self, blk: Block) -> tuple[Tensor, Tensor]:
-        """Run block ``blk`` on every chunk: its head outputs and mid-residuals at the query rows."""
-        os, rs = [], []
+    def step(self, blk: Block) -> tuple[Tensor, Tensor, Tensor]:
+        """Run block ``blk`` on every chunk: its head outputs, mid-residuals and MLP inputs at the query rows."""
+        os, rs, zs = [], [], []
         for n, (calls, h, valid) in enumerate(self.chunks):
             seen: dict[str, Tensor] = {}
-            specs = [
-                (blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])),
-                (blk.mlp_norm, "fwd", lambda m, a, out, s=seen: s.__setitem__("r", a[0])),
-            ]
+            specs = [(blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])), *mid_taps(blk, seen)]
             with hooks(specs):
                 h = run_block(blk, h, calls[blk.index]).masked_fill(~valid[..., None], 0)
             self.chunks[n] = (calls, h, valid)
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
-        return torch.cat(os), torch.cat(rs)
+            zs.append(seen["z"][valid])
+        return torch.cat(os), torch.cat(rs), torch.cat(zs)
 
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
@@ -525,20 +524,16 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
     def tap(ch):  # record the head outputs, the mid-residual and the MLP input; stop before the MLP
         rec = seen.setdefault(id(ch), {})
 
-        def grab_x(m, a, out):
-            rec["x"] = out
+        def grab_x(x):
+            rec["x"] = x
 
         def grab_o(m, a):
             rec["o"] = a[0]
 
-        def grab_r(m, a, out):
-            rec["r"], rec["z"] = a[0], out
-            raise StopBlock
-
-        return [(blk.input_norm, "fwd", grab_x), (blk.attn_out, "pre", grab_o), (blk.mlp_norm, "fwd", grab_r)]
+        return [blk.attn_input(grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
 
     _run_free(blk, chunks, pos, tap)
-    o_c, r_c = targets
+    o_c, r_c, z_c = targets
     h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
@@ -565,9 +560,13 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         r_0 = _gather(chunks, "r", seen)[keep]
         delta = r_c[keep] - r_0
         v = delta.double().mean(0).to(r_0.dtype) if cfg.vector else None
-        attn_out = cfg.placement == "attn_out" and v is not None
-        a = blk.mlp_norm(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
-        u = blk.mlp_norm(r_c[keep]) - a
+        if blk.parallel:  # the MLP reads the block input: the vector never reaches it
+            a = _gather(chunks, "z", seen)[keep]
+            u = z_c[keep] - a
+        else:
+            attn_out = cfg.placement == "attn_out" and v is not None
+            a = blk.norm2(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
+            u = blk.norm2(r_c[keep]) - a
         vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)

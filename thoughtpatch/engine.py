@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import Architecture, submodule
+from .errors import UsageError
 
 __all__ = [
     "Block",
     "LayerCalls",
     "blocks",
+    "mid_taps",
     "layer_calls",
     "run_block",
     "hooks",
@@ -45,12 +47,40 @@ class Block:
 
     index: int
     layer: nn.Module
-    input_norm: nn.Module
+    input_norm: nn.Module | None  # None: the attention reads the block input itself (post-norm blocks)
     attn_out: nn.Module
     branch: nn.Module
-    mlp_norm: nn.Module
+    mlp_norm: nn.Module | None  # None: the MLP reads the mid-residual itself
+    mlp: nn.Module
     mlp_inputs: list[nn.Module]
+    router: nn.Module | None
     transposed: bool
+    parallel: bool
+
+    def norm2(self, r: Tensor) -> Tensor:
+        """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
+        return r if self.mlp_norm is None else self.mlp_norm(r)
+
+    def attn_input(self, fn: Callable[[Tensor], None]) -> tuple[nn.Module, str, Callable]:
+        """A hook spec that passes what the attention reads (``N1 h``, or ``h`` without N1) to ``fn``."""
+        if self.input_norm is None:
+            return (self.layer, "pre", lambda m, a: fn(a[0]))
+        return (self.input_norm, "fwd", lambda m, a, out: fn(out))
+
+
+def _inputs(layer: nn.Module, arch: Architecture) -> list[nn.Module]:
+    """The declared modules that read z and that this block has (MoE families mix in dense blocks)."""
+    found = [m for m in (_find(layer, p) for p in arch.mlp_inputs) if m is not None]
+    if not found:
+        raise UsageError(f"{arch.name}: a block has none of the MLP inputs {', '.join(arch.mlp_inputs)}")
+    return found
+
+
+def _find(layer: nn.Module, path: str | None) -> nn.Module | None:
+    try:
+        return layer.get_submodule(path) if path else None
+    except AttributeError:
+        return None
 
 
 def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
@@ -59,14 +89,47 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
         Block(
             i,
             layer,
-            submodule(layer, arch.input_norm),
+            arch.input_norm and submodule(layer, arch.input_norm),
             submodule(layer, arch.attn_out),
             submodule(layer, arch.branch),
-            submodule(layer, arch.mlp_norm),
-            [submodule(layer, p) for p in arch.mlp_inputs],
+            arch.mlp_norm and submodule(layer, arch.mlp_norm),
+            submodule(layer, arch.mlp),
+            _inputs(layer, arch),
+            _find(layer, arch.router),
             arch.transposed,
+            arch.block == "parallel",
         )
         for i, layer in enumerate(layers)
+    ]
+
+
+def mid_taps(blk: Block, seen: dict[str, Tensor], stop: bool = False) -> list[tuple[nn.Module, str, Callable]]:
+    """Hooks that record the mid-residual ``r`` and the MLP input ``z`` of a block (then end it if ``stop``).
+
+    Sequential blocks: ``r`` and ``z`` are the input and output of the MLP norm. Parallel blocks: ``r`` is
+    the block input plus the attention branch, recorded when the MLP starts (after the attention).
+    """
+
+    def grab(module, args, output):
+        seen["r"], seen["z"] = args[0], output
+        if stop:
+            raise StopBlock
+
+    if blk.mlp_norm is None:
+        return [(blk.mlp, "pre", lambda m, a: grab(m, a, a[0]))]
+    if not blk.parallel:
+        return [(blk.mlp_norm, "fwd", grab)]
+
+    def mlp_starts(module, args):
+        seen["r"] = seen.pop("h") + seen.pop("b")
+        if stop:
+            raise StopBlock
+
+    return [
+        (blk.input_norm, "pre", lambda m, a: seen.__setitem__("h", a[0])),
+        (blk.branch, "fwd", lambda m, a, out: seen.__setitem__("b", out[0] if isinstance(out, tuple) else out)),
+        (blk.mlp_norm, "fwd", lambda m, a, out: seen.__setitem__("z", out)),
+        (blk.mlp, "pre", mlp_starts),
     ]
 
 
@@ -95,7 +158,7 @@ def layer_calls(
 
     def identity(hidden_states, *args, **kwargs):
         seen.append((hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states,) if arch.tuple_output else hidden_states
 
     for layer in layers:
         layer.forward = identity

@@ -32,7 +32,7 @@ from .engine import (
     greedy,
     hooks,
     layer_calls,
-    matvec,
+    mid_taps,
     pad_right,
     prefix_cache,
     prefix_mask,
@@ -156,24 +156,20 @@ def extract(
 
 
 class _Tap:
-    """Records the mid-residual ``r`` (input of the MLP norm) and the MLP input ``z`` (its output)."""
+    """Records the mid-residual ``r`` and the MLP input ``z`` of one block."""
 
     def __init__(self, blk: Block, stop: bool = False):
         self.seen: dict[str, Tensor] = {}
-
-        def grab(module, args, output):
-            self.seen["r"], self.seen["z"] = args[0], output
-            if stop:
-                raise StopBlock
-
-        self.specs = [(blk.mlp_norm, "fwd", grab)]
+        self.specs = mid_taps(blk, self.seen, stop)
 
 
 @torch.no_grad()
-def check(model: nn.Module, updates: Updates, *, batch_size: int = 16) -> float:
+def check(model: nn.Module, updates: Updates, *, batch_size: int = 16, routing: dict | None = None) -> float:
     """Run the prompt-free model with the exact token-dependent updates installed.
 
-    Returns the max absolute logit difference to the prompted model over all query tokens.
+    Returns the max absolute logit difference to the prompted model over all query tokens. For a mixture
+    of experts, ``routing`` (a dict) receives how many (token, block) expert choices there were and how many
+    of them differ from the prompted model's.
     """
     arch: Architecture = architecture_for(model)
     blks = blocks(model, arch)
@@ -194,16 +190,39 @@ def check(model: nn.Module, updates: Updates, *, batch_size: int = 16) -> float:
         for blk in blks:
             delta, a, u = (grid.scatter(t[blk.index][rows]) for t in (updates.delta, updates.a, updates.u))
             for w in blk.mlp_inputs:
-                specs.append((w, "fwd", _rank_one(w, a, u, l0, width, blk.transposed)))
+                specs.append((w, "pre", _rank_one(a, u, l0, width)))
             specs.append((blk.layer, "fwd", _add(delta, l0, width)))
-        with hooks(specs + [(blk.layer, "fwd", _zero_padding(mask_0)) for blk in blks]):
+        routes_0, routes_c = _Routes(blks, model.config), _Routes(blks, model.config)
+        with hooks(specs + routes_0.specs + [(blk.layer, "fwd", _zero_padding(mask_0)) for blk in blks]):
             logits_0 = model(input_ids=ids_0, attention_mask=mask_0).logits
-        with hooks([(blk.layer, "fwd", _zero_padding(mask_c)) for blk in blks]):
+        with hooks(routes_c.specs + [(blk.layer, "fwd", _zero_padding(mask_c)) for blk in blks]):
             logits_c = model(input_ids=ids_c, attention_mask=mask_c).logits
         diff = (_query_view(logits_0, l0, width) - _query_view(logits_c, lc, width))[grid.valid]
         err = float(diff.abs().max())
         worst = math.inf if math.isnan(err) else max(worst, err)  # NaN is never a match
+        if routing is not None and routes_0.seen:
+            b = len(idx)
+            for r0, rc in zip(routes_0.seen, routes_c.seen, strict=True):
+                r0, rc = (
+                    _query_view(r.view(b, -1, r.shape[-1]), n, width)[grid.valid] for r, n in ((r0, l0), (rc, lc))
+                )
+                routing["choices"] = routing.get("choices", 0) + r0.shape[0]
+                routing["differ"] = routing.get("differ", 0) + int((r0 != rc).any(-1).sum())
     return worst
+
+
+class _Routes:
+    """Records each router's top-k expert choice (sorted expert ids per token), block by block."""
+
+    def __init__(self, blks: list[Block], config):
+        self.seen: list[Tensor] = []
+        k = getattr(config, "num_experts_per_tok", 1)
+
+        def grab(module, args, output):
+            logits = output[0] if isinstance(output, tuple) else output
+            self.seen.append(logits.topk(k, -1).indices.sort(-1).values)
+
+        self.specs = [(blk.router, "fwd", grab) for blk in blks if blk.router is not None]
 
 
 class _Grid:
@@ -255,16 +274,21 @@ def _add(extra: Tensor, offset: int, width: int):
     return fn
 
 
-def _rank_one(w: nn.Module, a: Tensor, u: Tensor, offset: int, width: int, transposed: bool):
-    """Apply ``dW_t = W u_t a_t^T / |a_t|^2`` to whatever the matrix actually reads at token ``t``."""
-    wu = matvec(w, u, transposed)  # (B, width, out)
+def _rank_one(a: Tensor, u: Tensor, offset: int, width: int):
+    """``W + dW_t`` with ``dW_t = W u_t a_t^T / |a_t|^2`` for every matrix ``W`` inside a module that reads z.
+
+    The module's input ``x`` at token ``t`` becomes ``x + u_t (a_t . x) / |a_t|^2``: then each of its linear
+    maps (a projection, a router, every expert) computes ``(W + dW_t) x``. Inputs flattened to
+    (tokens, d), as mixtures of experts do, are viewed as (B, T, d).
+    """
     norm2 = (a * a).sum(-1, keepdim=True)
     inv = torch.where(norm2 > 0, 1.0 / norm2.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(norm2))
 
-    def fn(module, args, output):
-        x = args[0][:, offset : offset + width]
-        out = output.clone()
-        out[:, offset : offset + width] += ((x * a).sum(-1, keepdim=True) * inv) * wu
-        return out
+    def fn(module, args):
+        flat = args[0]
+        x = (flat.view(a.shape[0], -1, flat.shape[-1]) if flat.dim() == 2 else flat).clone()
+        q = x[:, offset : offset + width]
+        q += ((q * a).sum(-1, keepdim=True) * inv) * u
+        return (x.view(flat.shape), *args[1:])
 
     return fn

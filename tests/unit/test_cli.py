@@ -43,14 +43,12 @@ def test_extract_to_stdout_and_from_stdin(tiny_dir, files):
 
 
 def _unsupported(tmp_path, tok):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
-    cfg = GPTNeoXConfig(
-        vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox")
-    tok.save_pretrained(tmp_path / "neox")
-    return tmp_path / "neox"
+    cfg = BloomConfig(vocab_size=400, hidden_size=32, n_layer=1, n_head=4)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    return tmp_path / "bloom"
 
 
 @pytest.mark.parametrize("case", ["missing_prompt", "empty_prompt", "empty_probes", "not_a_model", "unsupported"])
@@ -73,4 +71,4 @@ def test_bad_input_exits_2_with_one_line(tiny_dir, files, tok, case):
     assert len(lines) == 1 and "Traceback" not in r.stderr.decode()
     assert not out.exists() and not list(files.glob(".*tmp"))
     if case == "unsupported":
-        assert "gpt_neox" in lines[0] and "llama" in lines[0]
+        assert "bloom" in lines[0] and "llama" in lines[0] and "docs/architectures.md" in lines[0]

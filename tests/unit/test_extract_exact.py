@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import FAMILIES
+from tiny import FAMILIES, QUERIES, prompts
 
-from thoughtpatch import Prompt, align, check, extract, load_model, teacher_answers
+from thoughtpatch import align, check, extract, load_model, teacher_answers
 
-QUERIES = [
-    "What is the capital of France?",
-    "Tell me a story about a cat",
-    "1 2 3",
-    "How do I boil an egg? Answer briefly and politely, like a pirate.",
-    "dog",
-]
-PROMPTS = [
-    Prompt("You are a pirate. Speak like a pirate in every answer."),
-    Prompt("Translate the sentence into French.", (("Hello", "Bonjour"), ("the cat", "le chat"))),
-]
+PROMPTS = prompts()
+
+# The first families: both prompts, with and without a chat template. The others (block forms, not prompt
+# handling, are what they add): the few-shot prompt with the chat template, to keep the suite fast.
+FIRST = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "phi3"}
+CASES = [(f, True) for f in FAMILIES] + [(f, False) for f in FAMILIES if f in FIRST]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+@pytest.mark.parametrize(("family", "chat"), CASES, ids=[f"{'chat' if c else 'plain'}-{f}" for f, c in CASES])
 def test_exact_updates_reproduce_prompting(tiny_dir, family, chat, request):
     if family == "gemma2" and not chat:  # known gap, made visible once check() stopped reading NaN as 0
         request.applymarker(
@@ -32,7 +26,7 @@ def test_exact_updates_reproduce_prompting(tiny_dir, family, chat, request):
             )
         )
     lm = load_model(str(tiny_dir(family)), dtype="float64")
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if family in FIRST else PROMPTS[1:]:
         pairs = align(lm.tokenizer, prompt, QUERIES, chat=chat)
         pairs = teacher_answers(lm.model, lm.tokenizer, pairs, 3)
         assert len({len(q) for q in pairs.queries}) > 1  # a padded batch with different query lengths
