@@ -506,6 +506,57 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
 
 
 @app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch export french.safetensors --to peft -o french-lora\n\n"
+    "  thoughtpatch export french.safetensors --to gguf -o french-gguf --drop-vectors\n\n"
+    "  thoughtpatch export french.safetensors --to peft --rank 16 -o french-lora-r16 --json"
+)
+def export(
+    patch_file: Annotated[str, typer.Argument(help="Patch file from transmute --mode bakeable (- for stdin).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", help="peft (LoRA adapter for PEFT, vLLM, TGI) or gguf (llama.cpp LoRA and control vector)."
+        ),
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder to write the files into.")],
+    model: Model = None,
+    rank: Annotated[
+        int | None, typer.Option(help="SVD-compress each LoRA delta to this rank (reports the relative error).")
+    ] = None,
+    drop_vectors: Annotated[
+        bool,
+        typer.Option(
+            "--drop-vectors", help="Leave out (with a warning) thought vectors or constants the target cannot hold."
+        ),
+    ] = False,
+    scale: Annotated[float, typer.Option(help="Multiply the patch by this.")] = 1.0,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Export a bakeable patch as a PEFT LoRA adapter or as llama.cpp GGUF files (needs the base weights)."""
+    from pathlib import Path
+
+    from .bake import config_view
+    from .export import export_patch
+    from .formats import check_fingerprint
+    from .models import DEFAULT_MODEL, default_model_dir
+
+    _setup(quiet)
+    patch = _read_patch(patch_file)
+    base = model or patch.meta.get("base_model")
+    folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    check_fingerprint(patch.meta, config_view(folder), f"patch {patch_file}")
+    if scale != 1.0:
+        patch = patch.scaled(scale)
+    summary = export_patch(
+        patch, folder, output, to, rank=rank, drop_vectors=drop_vectors, what=f"patch {patch_file}", log=log
+    )
+    _report(summary, json_out, None, f"{to} export")
+
+
+@app.command(
     "eval",
     epilog="Example:\n\n"
     "  thoughtpatch eval french.safetensors --prompt-file examples/french.txt --queries held_out.txt --json",
