@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
+from .progress import progress, set_quiet, spinner
 
 app = typer.Typer(
     help="Turn prompts into weight patches for Hugging Face causal language models.\n\n"
@@ -82,22 +82,10 @@ def log(msg: str) -> None:
         err.print(f"[thoughtpatch] {msg}", markup=False)
 
 
-@contextmanager
-def progress(label: str, total: int):
-    """A progress bar on stderr when it is a terminal; a no-op callback otherwise."""
-    if _quiet or not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def _setup(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
+    set_quiet(quiet)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
@@ -120,7 +108,8 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
-    return load_model(model, dtype=dtype, device=device, log=log, check=check)
+    with spinner("loading the model (converting it on first use)"):
+        return load_model(model, dtype=dtype, device=device, log=log, check=check)
 
 
 def _emit_json(doc: object) -> None:
@@ -493,7 +482,8 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     from .formats import check_fingerprint
     from .models import DEFAULT_MODEL, default_model_dir, resolve_device
 
-    folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    with spinner("preparing the default model"):
+        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
     config = config_view(folder)
     records, patches = [], []
     for f, (p, sha) in zip(files, read, strict=True):
@@ -501,7 +491,10 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
         patches.append(p.scaled(scale) if scale != 1.0 else p)
         records.append(patch_record(p, "stdin" if f == "-" else Path(f).name, sha, scale))
     log(f"baking {len(patches)} patch(es) into a copy of {folder.name}: {save}")
-    summary = bake_checkpoint(folder, save, patches, records, device=str(resolve_device(device)), log=log)
+    with progress("bake (shards)", None) as step:
+        summary = bake_checkpoint(
+            folder, save, patches, records, device=str(resolve_device(device)), log=log, progress=step
+        )
     _report(summary, json_out, None, "baked checkpoint")
 
 
@@ -546,13 +539,16 @@ def export(
     _setup(quiet)
     patch = _read_patch(patch_file)
     base = model or patch.meta.get("base_model")
-    folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    with spinner("preparing the default model"):
+        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
     check_fingerprint(patch.meta, config_view(folder), f"patch {patch_file}")
     if scale != 1.0:
         patch = patch.scaled(scale)
-    summary = export_patch(
-        patch, folder, output, to, rank=rank, drop_vectors=drop_vectors, what=f"patch {patch_file}", log=log
-    )
+    with progress(f"export to {to} (modules)", None) as step:
+        summary = export_patch(
+            patch, folder, output, to, rank=rank, drop_vectors=drop_vectors, what=f"patch {patch_file}", log=log,
+            progress=step,
+        )  # fmt: skip
     _report(summary, json_out, None, f"{to} export")
 
 

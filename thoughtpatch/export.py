@@ -257,8 +257,10 @@ def export_patch(
     drop_vectors: bool = False,
     what: str = "patch",
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Export ``patch`` for the model in ``model_dir`` into the new folder ``dst``; returns a summary."""
+    """Export ``patch`` for the model in ``model_dir`` into the new folder ``dst``; returns a summary
+    (``progress(1)`` after each module's base weight is read)."""
     from .architectures import architecture_for
     from .bake import _header, _json, _reader, _shard_map, config_sizes
     from .files import new_folder
@@ -288,6 +290,8 @@ def export_patch(
         if name not in shard_of:
             raise UsageError(f"{src}: checkpoint has no tensor {name!r}")
         w = read(name).float()
+        if progress:
+            progress(1)
         return w.T if arch.transposed else w
 
     terms = lora_terms(patch, arch, weight, head_dim, target, rank)
