@@ -567,6 +567,9 @@ def eval_(
     ] = None,
     answer_tokens: AnswerTokens = 8,
     caa: Annotated[bool, typer.Option("--caa/--no-caa", help="Tune and score the CAA baseline.")] = True,
+    plot: Annotated[
+        str | None, typer.Option(help="Also write a PNG of KL and top-1 agreement per method (needs matplotlib).")
+    ] = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
@@ -591,6 +594,12 @@ def eval_(
         lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
         batch_size=batch_size, log=log,
     )  # fmt: skip
+    if plot:
+        from .files import write_bytes
+        from .plots import eval_png
+
+        write_bytes(plot, eval_png(report))
+        report["plot"] = plot
     if json_out:
         _emit_json(report)
         return
