@@ -79,7 +79,7 @@ def _root() -> None:
 
 def log(msg: str) -> None:
     if not _quiet:
-        err.print(f"[thoughtpatch] {msg}", markup=False)
+        err.print(f"[thoughtpatch] {msg}", markup=False, soft_wrap=True)
 
 
 def _setup(quiet: bool) -> None:

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from .architectures import Architecture
-from .bake import ALTERNATIVES
 from .errors import UsageError
 from .patch import Patch
 
@@ -71,7 +70,7 @@ def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool
             f"{what} leaves its first {patch.skip} tokens unpatched, which weights cannot express; rebuild it "
             "with --mode bakeable or --skip 0"
         )
-    layers, warnings = {}, []
+    layers, dropped = {}, {}
     for i, lp in sorted(patch.layers.items()):
         why = {}
         if lp.vector is not None:
@@ -88,10 +87,15 @@ def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool
             if not drop_vectors:
                 raise UsageError(
                     f"{what}: block {i}'s {name} has no exact place in a {target} export ({reason}); pass "
-                    f"--drop-vectors to export without it, or {ALTERNATIVES.split(' or ')[0]}"
+                    f"--drop-vectors to export without it, or keep the patch in memory (thoughtpatch apply)"
                 )
-            warnings.append(f"dropped block {i}'s {name} ({reason}): the export is no longer equal to the patch")
+            dropped.setdefault((name, reason), []).append(str(i))
         layers[i] = replace(lp, **dict.fromkeys(why))
+    warnings = [
+        f"dropped the {name} of block{'s' * (len(b) > 1)} {','.join(b)} ({reason}): the export is no longer "
+        "equal to the patch"
+        for (name, reason), b in dropped.items()
+    ]
     return Patch(layers, patch.placement, patch.skip, dict(patch.meta)), warnings
 
 
@@ -303,10 +307,11 @@ def export_patch(
     info = {"transposed": arch.transposed, "n_layers": n_layers, "model_type": config.get("model_type")}
     with new_folder(dst) as tmp:
         files = write_export(tmp, target, terms, vectors, info, patch.meta)
-    no_bias = sorted({t.module for t in terms if t.bias is not None and f"{t.module}.bias" not in shard_of})
+    with_bias = any(t.bias is not None for t in terms)  # PEFT's lora_bias is one flag for every module
+    no_bias = sorted({t.module for t in terms if with_bias and f"{t.module}.bias" not in shard_of})
     if target == "peft" and no_bias and log:
         log(
-            f"note: {len(no_bias)} adapted module(s) have a LoRA bias but no base bias (e.g. {no_bias[0]}): "
+            f"note: {len(no_bias)} adapted module(s) get a LoRA bias but have no base bias (e.g. {no_bias[0]}): "
             "PeftModel runs it exactly, merge_and_unload() cannot; bake it with thoughtpatch apply --save instead"
         )
     ranks = sorted({t.rank for t in terms})

@@ -163,7 +163,10 @@ def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
     assert not (tmp_path / "refused").exists()
     summary = export_patch(patch, folder, tmp_path / "out", "gguf", drop_vectors=True)
     assert summary["files"] == ["lora.gguf", "control_vector.gguf"] and summary["control_vectors"] == [1, 2]
-    assert len(summary["dropped"]) == 1 and "block 0" in summary["dropped"][0]
+    assert summary["dropped"] == [
+        "dropped the thought vector of block 0 (llama.cpp cannot add a vector after block 0 (it has no direction.0)): "
+        "the export is no longer equal to the patch"
+    ]
 
     fields, tensors = gguf_tensors(tmp_path / "out" / "control_vector.gguf")
     assert fields["general.architecture"] == "controlvector"
@@ -219,8 +222,8 @@ def test_cli_export_and_its_refusals(tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists()
     r = run_cli("export", str(good), *args, str(tmp_path / "x"), "--drop-vectors", "--json")
     assert r.returncode == 0, r.stderr
-    assert b"warning: dropped block 0's thought vector" in r.stderr
+    assert b"warning: dropped the thought vector of blocks 0,1,2 (a norm follows its site" in r.stderr
     doc = json.loads(r.stdout)
-    assert doc["ranks"] == [2, 32] and doc["merge_and_unload"] is True and len(doc["dropped"]) == L
+    assert doc["ranks"] == [2, 32] and doc["merge_and_unload"] is True and len(doc["dropped"]) == 1
     r = run_cli("export", str(good), *args, str(tmp_path / "x"), "--drop-vectors")
     assert r.returncode == 2 and b"already exists" in r.stderr
