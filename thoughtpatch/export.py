@@ -32,7 +32,16 @@ from .architectures import Architecture
 from .errors import UsageError
 from .patch import Patch
 
-__all__ = ["TARGETS", "LoraTerm", "exportable", "lora_terms", "peft_adapter", "gguf_lora", "write_export"]
+__all__ = [
+    "TARGETS",
+    "LoraTerm",
+    "exportable",
+    "lora_terms",
+    "peft_adapter",
+    "gguf_lora",
+    "write_export",
+    "export_patch",
+]
 
 TARGETS = ("peft", "gguf")
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
