@@ -129,28 +129,25 @@ def lora_terms(
     terms = []
     for i, lp in sorted(patch.layers.items()):
         pre = f"{arch.layers}.{i}."
-        vec_o = lp.vector if patch.placement == "attn_out" and target == "peft" else None
-        if lp.attn_weight is not None or (target == "peft" and (lp.attn_bias is not None or vec_o is not None)):
+        const = target == "peft" and (
+            lp.attn_bias is not None or (lp.vector is not None and patch.placement == "attn_out")
+        )
+        if lp.attn_weight is not None or const:
             w_o = weight(pre + arch.attn_out)
-            a, b = (_block_diag(lp.attn_weight.float(), head_dim), w_o) if lp.attn_weight is not None else (None, None)
-            a = torch.zeros(1, w_o.shape[1]) if a is None else a
-            b = torch.zeros(w_o.shape[0], 1) if b is None else b
+            full = lp.attn_weight is not None
+            a = _block_diag(lp.attn_weight.float(), head_dim) if full else torch.zeros(1, w_o.shape[1])
+            b = w_o if full else torch.zeros(w_o.shape[0], 1)
             bias = None
-            if target == "peft" and (lp.attn_bias is not None or vec_o is not None):
-                bias = torch.zeros(w_o.shape[0])
-                bias = bias + (w_o @ lp.attn_bias.float() if lp.attn_bias is not None else 0)
-                bias = bias + (vec_o.float() if vec_o is not None else 0)
+            if const:  # o_proj(o + c) + v = W_o o + (W_o c + v)
+                c = lp.attn_bias.float() if lp.attn_bias is not None else torch.zeros(w_o.shape[1])
+                bias = w_o @ c + (lp.vector.float() if patch.placement == "attn_out" and lp.vector is not None else 0)
             terms.append(LoraTerm(pre + arch.attn_out, a, b, bias))
         if lp.matrix_a is not None:
             for m in arch.mlp_inputs:
                 terms.append(LoraTerm(pre + m, lp.matrix_a.float().T, weight(pre + m) @ lp.matrix_b.float()))
         if target == "peft" and lp.vector is not None and patch.placement == "skip":
-            w_d = weight(pre + arch.mlp_out)
-            terms.append(
-                LoraTerm(
-                    pre + arch.mlp_out, torch.zeros(1, w_d.shape[1]), torch.zeros(w_d.shape[0], 1), lp.vector.float()
-                )
-            )
+            out, inner = weight(pre + arch.mlp_out).shape  # a bias alone: zero LoRA weights of rank 1
+            terms.append(LoraTerm(pre + arch.mlp_out, torch.zeros(1, inner), torch.zeros(out, 1), lp.vector.float()))
     return [_compress(t, rank) for t in terms] if rank else terms
 
 
