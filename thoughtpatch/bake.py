@@ -412,8 +412,10 @@ def bake_checkpoint(
     *,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Write ``src`` with ``patches`` baked in to the new folder ``dst``; returns a summary."""
+    """Write ``src`` with ``patches`` baked in to the new folder ``dst``; returns a summary (``progress(1)``
+    after each shard)."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise UsageError(f"--model {src}: no config.json there, so it is not a Hugging Face model folder")
@@ -435,7 +437,7 @@ def bake_checkpoint(
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
-            _write_all(src, tmp, config, plan, records, shard_of, parsed, headers, log)
+            _write_all(src, tmp, config, plan, records, shard_of, parsed, headers, log, progress)
             os.rename(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -463,10 +465,14 @@ def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, i
     return read
 
 
-def _write_all(src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log) -> None:
+def _write_all(
+    src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log, progress=None
+) -> None:
     """Every shard (one at a time), then the config, index, model card and the folder's other files."""
     added = 0
     for f, (header, start) in parsed.items():
+        if progress:
+            progress(1)
         adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
         if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
             shutil.copyfile(src / f, tmp / f)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
+from .progress import progress, set_quiet, spinner
 
 app = typer.Typer(
     help="Turn prompts into weight patches for Hugging Face causal language models.\n\n"
@@ -89,20 +89,7 @@ def _root(trust_remote_code: TrustRemoteCode = False) -> None:
 
 def log(msg: str) -> None:
     if not _quiet:
-        err.print(f"[thoughtpatch] {msg}", markup=False)
-
-
-@contextmanager
-def progress(label: str, total: int):
-    """A progress bar on stderr when it is a terminal; a no-op callback otherwise."""
-    if _quiet or not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+        err.print(f"[thoughtpatch] {msg}", markup=False, soft_wrap=True)
 
 
 def _warn(message, category, *args, **kwargs) -> None:
@@ -121,6 +108,7 @@ def _setup(quiet: bool, output: str | None = None) -> None:
     _quiet = quiet
     warnings.showwarning = _warn
     warnings.simplefilter("default", IllConditionedWarning)
+    set_quiet(quiet)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
@@ -143,7 +131,8 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
-    lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
+    with spinner("loading the model (converting it on first use)"):
+        lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
     made = (meta or {}).get("base_model_revision")
     if made and lm.revision and made != lm.revision:
         err.print(
@@ -541,7 +530,8 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     from .formats import check_fingerprint
     from .models import DEFAULT_MODEL, default_model_dir, resolve_device
 
-    folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    with spinner("preparing the default model"):
+        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
     config = config_view(folder)
     records, patches = [], []
     for f, (p, sha) in zip(files, read, strict=True):
@@ -549,8 +539,65 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
         patches.append(p.scaled(scale) if scale != 1.0 else p)
         records.append(patch_record(p, "stdin" if f == "-" else Path(f).name, sha, scale))
     log(f"baking {len(patches)} patch(es) into a copy of {folder.name}: {save}")
-    summary = bake_checkpoint(folder, save, patches, records, device=str(resolve_device(device)), log=log)
+    with progress("bake (shards)", None) as step:
+        summary = bake_checkpoint(
+            folder, save, patches, records, device=str(resolve_device(device)), log=log, progress=step
+        )
     _report(summary, json_out, None, "baked checkpoint")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  thoughtpatch export french.safetensors --to peft -o french-lora\n\n"
+    "  thoughtpatch export french.safetensors --to gguf -o french-gguf --drop-vectors\n\n"
+    "  thoughtpatch export french.safetensors --to peft --rank 16 -o french-lora-r16 --json"
+)
+def export(
+    patch_file: Annotated[str, typer.Argument(help="Patch file from transmute --mode bakeable (- for stdin).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", help="peft (LoRA adapter for PEFT, vLLM, TGI) or gguf (llama.cpp LoRA and control vector)."
+        ),
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder to write the files into.")],
+    model: Model = None,
+    rank: Annotated[
+        int | None, typer.Option(help="SVD-compress each LoRA delta to this rank (reports the relative error).")
+    ] = None,
+    drop_vectors: Annotated[
+        bool,
+        typer.Option(
+            "--drop-vectors", help="Leave out (with a warning) thought vectors or constants the target cannot hold."
+        ),
+    ] = False,
+    scale: Annotated[float, typer.Option(help="Multiply the patch by this.")] = 1.0,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Export a bakeable patch as a PEFT LoRA adapter or as llama.cpp GGUF files (needs the base weights)."""
+    from pathlib import Path
+
+    from .bake import config_view
+    from .export import export_patch
+    from .formats import check_fingerprint
+    from .models import DEFAULT_MODEL, default_model_dir
+
+    _setup(quiet)
+    patch = _read_patch(patch_file)
+    base = model or patch.meta.get("base_model")
+    with spinner("preparing the default model"):
+        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    check_fingerprint(patch.meta, config_view(folder), f"patch {patch_file}")
+    if scale != 1.0:
+        patch = patch.scaled(scale)
+    with progress(f"export to {to} (modules)", None) as step:
+        summary = export_patch(
+            patch, folder, output, to, rank=rank, drop_vectors=drop_vectors, what=f"patch {patch_file}", log=log,
+            progress=step,
+        )  # fmt: skip
+    _report(summary, json_out, None, f"{to} export")
 
 
 @app.command(
@@ -568,6 +615,9 @@ def eval_(
     ] = None,
     answer_tokens: AnswerTokens = 8,
     caa: Annotated[bool, typer.Option("--caa/--no-caa", help="Tune and score the CAA baseline.")] = True,
+    plot: Annotated[
+        str | None, typer.Option(help="Also write a PNG of KL and top-1 agreement per method (needs matplotlib).")
+    ] = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
@@ -593,6 +643,12 @@ def eval_(
         lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
         batch_size=batch_size, log=log,
     )  # fmt: skip
+    if plot:
+        from .files import write_bytes
+        from .plots import eval_png
+
+        write_bytes(plot, eval_png(report))
+        report["plot"] = plot
     if json_out:
         _emit_json(report)
         return

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +20,7 @@ from safetensors.torch import load as st_load
 
 from .errors import UsageError
 
-__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors"]
+__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors", "new_folder"]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
 
@@ -147,3 +150,26 @@ def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[
     except Exception as exc:  # safetensors raises its own error types
         raise UsageError(f"{what}: corrupt safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, meta
+
+
+@contextmanager
+def new_folder(path: str | Path) -> Iterator[Path]:
+    """Fill a temporary folder next to ``path``, renamed to ``path`` when the block succeeds (removed if not):
+    no partial output. ``path`` must not exist yet (or be an empty folder)."""
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"output {path}: already exists; choose a new folder or remove it")
+    if not target.resolve().parent.is_dir():
+        raise UsageError(f"output {path}: folder {target.resolve().parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

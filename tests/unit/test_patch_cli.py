@@ -75,8 +75,10 @@ def test_extract_condense_pipe_and_eval(work):
     patch = patch_from_bytes((d / "c.safetensors").read_bytes())
     assert all(lp.rank == 4 for lp in patch.layers.values())
     r = run_cli("eval", str(d / "c.safetensors"), "--prompt-file", str(d / "prompt.txt"), "--queries", str(d / "held.txt"),
-                "--probes", str(d / "fit.txt"), "--answer-tokens", "2", "--json", "-q")  # fmt: skip
+                "--probes", str(d / "fit.txt"), "--answer-tokens", "2", "--json", "-q", "--plot", str(d / "eval.png"))  # fmt: skip
     assert r.returncode == 0, r.stderr.decode()
+    png = (d / "eval.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and int.from_bytes(png[16:20], "big") == 990  # 9 in at 110 dpi
     doc = json.loads(r.stdout)
     assert set(doc["methods"]) == {"patch", "none", "caa"}
     for m in doc["methods"].values():
