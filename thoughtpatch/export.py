@@ -24,6 +24,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -284,7 +285,7 @@ def export_patch(
     if not (src / "config.json").is_file():
         raise UsageError(f"--model {src}: no config.json there, so it is not a Hugging Face model folder")
     config = _json(src / "config.json")
-    arch = architecture_for(str(config.get("model_type", "?")))
+    arch = architecture_for(SimpleNamespace(**config))
     hidden, n_layers, heads, head_dim = config_sizes(config, arch)
     validate_for(patch, hidden, n_layers, heads, head_dim, what)
     patch, warnings = exportable(patch, arch, target, drop_vectors, what)
