@@ -58,10 +58,10 @@ def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:
     for module, kind, fn in layer_hook_specs(lm.model, patch, Positions(0), only={i}):
         if module is blk.input_norm:
             fn(module, (), inputs["x"])
-        elif kind == "pre":
+        elif module is blk.attn_out:
             out["attn"] = fn(module, (inputs["o"],))[0] - inputs["o"]
-        elif module is blk.mlp_norm:
-            out["matrix"] = fn(module, (), inputs["z"]) - inputs["z"]
+        elif module is blk.mlp:
+            out["matrix"] = fn(module, (inputs["z"],))[0] - inputs["z"]
         else:
             out["vector"] = fn(module, (), inputs["h"]) - inputs["h"]
     return out
