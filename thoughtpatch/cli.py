@@ -97,7 +97,7 @@ def progress(label: str, total: int):
 
 def _setup(quiet: bool) -> None:
     global _quiet
-    _quiet = quiet
+    _quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 speaks
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
@@ -110,8 +110,9 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
     """Load the model; a file's fingerprint and the config's layer choice are checked before the weights."""
     import torch
 
+    from .distributed import init
     from .formats import check_fingerprint
-    from .models import load_model
+    from .models import load_model, resolve_device
 
     def check(config):
         if meta is not None:
@@ -120,6 +121,7 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
+    init(cuda=resolve_device(device).type == "cuda")
     return load_model(model, dtype=dtype, device=device, log=log, check=check)
 
 
@@ -155,6 +157,7 @@ def extract(
     debug: Debug = False,
 ) -> None:
     """Record the exact token-dependent implicit updates of a prompt, per query token and block."""
+    from .distributed import is_main, world
     from .formats import updates_to_bytes
     from .pipeline import run_extract
     from .prompts import load_probes, load_prompt
@@ -173,6 +176,9 @@ def extract(
             batch_size=batch_size, store_prompt=store_prompt, log=log, progress=step,
         )  # fmt: skip
     summary = result.summary()
+    if not is_main():  # under torchrun rank 0 writes the one output
+        return
+    summary["processes"] = world()[1]
     if output:
         from .files import write_bytes
 
@@ -248,6 +254,8 @@ def _write_patch(patch, output: str) -> None:
 
 
 def _patch_summary(patch, seconds: dict, output: str) -> dict:
+    from .distributed import world
+
     return {
         "output": output,
         "parameters": patch.numel(),
@@ -256,6 +264,7 @@ def _patch_summary(patch, seconds: dict, output: str) -> dict:
         "bakeable": patch.bakeable,
         "method": {k.removeprefix("method."): v for k, v in patch.meta.items() if k.startswith("method.")},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "processes": world()[1],
     }
 
 
@@ -300,6 +309,7 @@ def condense(
     debug: Debug = False,
 ) -> None:
     """Condense implicit updates into a token-independent patch (thought vectors, matrices, attention maps)."""
+    from .distributed import is_main
     from .files import read_bytes
     from .formats import updates_from_bytes
     from .pipeline import run_condense
@@ -313,6 +323,8 @@ def condense(
     lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
+    if not is_main():
+        return
     _write_patch(patch, output)
     _report(_patch_summary(patch, seconds, output), json_out, output, "patch")
 
@@ -354,6 +366,7 @@ def transmute(
     debug: Debug = False,
 ) -> None:
     """Turn a prompt into a patch in one step (extract + condense): the path most users take."""
+    from .distributed import is_main
     from .pipeline import run_transmute
     from .prompts import load_probes, load_prompt
 
@@ -382,6 +395,8 @@ def transmute(
             log=log,
             progress=step,
         )
+    if not is_main():
+        return
     patch.meta["method.mode"] = mode
     _write_patch(patch, output)
     _report(_patch_summary(patch, seconds, output), json_out, output, "patch")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import architecture_for
+from .distributed import gather_rows, shard
 from .engine import (
     Block,
     StopBlock,
@@ -353,6 +354,7 @@ class _Chunk:
     query: Tensor  # (B, T) bool: query positions
     active: Tensor  # (B, T) bool: positions the patch acts on
     sink: Tensor | None = None
+    n: int = 0  # the chunk's number among all chunks (all ranks)
 
 
 class _Prompted:
@@ -368,7 +370,7 @@ class _Prompted:
         self.cache = prefix_cache(model, pairs.prefix_prompted)
         lc = len(pairs.prefix_prompted)
         self.chunks: list[tuple[list, Tensor, Tensor]] = []  # (block calls, hidden, valid)
-        for start in range(0, len(pairs.queries), batch_size):
+        for start in _starts(len(pairs.queries), batch_size):
             idx = range(start, min(len(pairs.queries), start + batch_size))
             ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
             calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
@@ -388,7 +390,13 @@ class _Prompted:
             self.chunks[n] = (calls, h, valid)
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
-        return torch.cat(os), torch.cat(rs)
+        return gather_rows(os), gather_rows(rs)
+
+
+def _starts(n: int, batch_size: int) -> list[int]:
+    """First probe of each chunk this process runs (all of them, or this rank's share under torchrun)."""
+    starts = range(0, n, batch_size)
+    return [starts[k] for k in shard(len(starts))]
 
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
@@ -396,7 +404,7 @@ def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int
     device = next(model.parameters()).device
     l0 = len(pairs.prefix_free)
     chunks = []
-    for start in range(0, len(pairs.queries), batch_size):
+    for start in _starts(len(pairs.queries), batch_size):
         idx = list(range(start, min(len(pairs.queries), start + batch_size)))
         ids, mask = pad_right([pairs.free(i) for i in idx], 0, device)
         query = torch.zeros_like(mask, dtype=torch.bool)
@@ -404,7 +412,7 @@ def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int
             query[j, l0 : l0 + len(pairs.queries[i])] = True
         calls = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
-        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active))
+        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active, n=start // batch_size))
     return chunks
 
 
@@ -457,7 +465,7 @@ def condense(
 
 
 def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) -> Tensor:
-    return torch.cat([seen[id(ch)][key][ch.query] for ch in chunks])
+    return gather_rows([seen[id(ch)][key][ch.query] for ch in chunks])
 
 
 def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge) -> LayerPatch:
@@ -481,7 +489,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
 
     _run_free(blk, chunks, pos, tap)
     o_c, r_c = targets
-    h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
+    h_in = gather_rows([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
         | detect_sinks(h_in.norm(dim=-1).float(), cfg.sink_factor)
@@ -491,7 +499,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
         oc = o_c[keep].unflatten(-1, (heads, head_dim))
         x = _gather(chunks, "x", seen)[keep] if (cfg.attn_query or cfg.attn_gate) else None
-        groups = torch.cat([torch.full((int(ch.query.sum()),), n) for n, ch in enumerate(chunks)])[keep.cpu()]
+        groups = gather_rows([torch.full((int(ch.query.sum()),), ch.n) for ch in chunks])[keep.cpu()]
         ridge = cfg.attn_ridge
         if cfg.attn_ridge_grid:
             ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))
