@@ -38,6 +38,13 @@ Model = Annotated[
 ]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, float64, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(help="Spread the weights over GPUs, CPU and disk (accelerate): auto, balanced or sequential."),
+]
+MaxMemory = Annotated[
+    str | None, typer.Option(help="Memory per device for the device map, e.g. cpu=2GiB,0=20GiB (implies auto).")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -106,13 +113,22 @@ def _setup(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, what: str = "", cfg=None):
+def _load(
+    model: str | None,
+    dtype: str,
+    device: str,
+    meta: dict | None = None,
+    what: str = "",
+    cfg=None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+):
     """Load the model; a file's fingerprint and the config's layer choice are checked before the weights."""
     import torch
 
     from .distributed import init
     from .formats import check_fingerprint
-    from .models import load_model, resolve_device
+    from .models import load_model, parse_max_memory, resolve_device
 
     def check(config):
         if meta is not None:
@@ -122,7 +138,10 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
 
     torch.set_grad_enabled(False)
     init(cuda=resolve_device(device).type == "cuda")
-    return load_model(model, dtype=dtype, device=device, log=log, check=check)
+    return load_model(
+        model, dtype=dtype, device=device, log=log, check=check, device_map=device_map,
+        max_memory=parse_max_memory(max_memory),
+    )  # fmt: skip
 
 
 def _emit_json(doc: object) -> None:
@@ -147,6 +166,8 @@ def extract(
     ] = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: Annotated[
@@ -169,7 +190,7 @@ def extract(
         raise UsageError("--json and -o - both want stdout; write the updates to a file")
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, device_map=device_map, max_memory=max_memory)
     with progress("extract", len(queries)) as step:
         result = run_extract(
             lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check,
@@ -304,6 +325,8 @@ def condense(
     skip: Skip = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -320,7 +343,10 @@ def condense(
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
-    lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
+    lm = _load(
+        model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg, device_map,
+        max_memory,
+    )  # fmt: skip
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
     if not is_main():
@@ -361,6 +387,8 @@ def transmute(
     store_prompt: StorePrompt = True,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -382,7 +410,7 @@ def transmute(
         raise UsageError("--answer-tokens must be >= 0")
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
-    lm = _load(model, dtype, device, cfg=cfg)
+    lm = _load(model, dtype, device, cfg=cfg, device_map=device_map, max_memory=max_memory)
     with progress("transmute", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_transmute(
             lm,
@@ -539,6 +567,8 @@ def eval_(
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -554,7 +584,10 @@ def eval_(
     prompt = load_prompt(prompt_file)
     held = load_probes(queries)
     fit = load_probes(probes) if probes else None
-    lm = _load(model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}")
+    lm = _load(
+        model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}", None, device_map,
+        max_memory,
+    )  # fmt: skip
     report = run_eval(
         lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
         batch_size=batch_size, log=log,

@@ -27,6 +27,7 @@ from .engine import (
     Block,
     StopBlock,
     blocks,
+    device_of,
     hooks,
     layer_calls,
     pad_right,
@@ -366,7 +367,7 @@ class _Prompted:
 
     def __init__(self, model: nn.Module, pairs: TokenPairs, batch_size: int):
         arch = architecture_for(model)
-        device = next(model.parameters()).device
+        device = device_of(model)
         self.cache = prefix_cache(model, pairs.prefix_prompted)
         lc = len(pairs.prefix_prompted)
         self.chunks: list[tuple[list, Tensor, Tensor]] = []  # (block calls, hidden, valid)
@@ -401,7 +402,7 @@ def _starts(n: int, batch_size: int) -> list[int]:
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
     arch = architecture_for(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     l0 = len(pairs.prefix_free)
     chunks = []
     for start in _starts(len(pairs.queries), batch_size):

@@ -28,6 +28,7 @@ from .engine import (
     Block,
     StopBlock,
     blocks,
+    device_of,
     eos_ids,
     greedy,
     hooks,
@@ -105,7 +106,7 @@ def extract(
     """
     arch = architecture_for(model)
     blks = blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device_of(model)
     cache_c, cache_0 = prefix_cache(model, pairs.prefix_prompted), prefix_cache(model, pairs.prefix_free)
     lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     out: dict[str, list[list[Tensor]]] = {k: [[] for _ in blks] for k in ("delta", "a", "u", "rc", "r0")}
@@ -174,7 +175,7 @@ def check(model: nn.Module, updates: Updates, *, batch_size: int = 16) -> float:
     """
     arch: Architecture = architecture_for(model)
     blks = blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device_of(model)
     pairs = updates.pairs
     lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     worst = 0.0

