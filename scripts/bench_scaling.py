@@ -44,11 +44,13 @@ def _one(args) -> dict:
 
     from thoughtpatch import default_probes, load_model, load_prompt
     from thoughtpatch.constants import PRESETS
-    from thoughtpatch.engine import pad_right
+    from thoughtpatch.engine import pad_right, steady_heap
     from thoughtpatch.pipeline import run_transmute
     from thoughtpatch.prompts import align
 
     torch.set_grad_enabled(False)
+    if args.heap == "steady":  # as the command line runs
+        steady_heap()
     lm = load_model(args.model)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     probes = (default_probes() * 64)[: args.n]
@@ -74,7 +76,7 @@ def _one(args) -> dict:
 
 def _spawn(model: str | None, what: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--mode", args.mode, "--prompt", args.prompt]
-    cmd += ["--batch-size", str(args.batch_size)] + (["--model", model] if model else [])
+    cmd += ["--batch-size", str(args.batch_size), "--heap", args.heap] + (["--model", model] if model else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     if out.returncode:
         raise SystemExit(f"{what} {n} failed:\n{out.stderr[-2000:]}")
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--mode", default="best")
     ap.add_argument("--prompt", default=str(ROOT / "examples" / "french.txt"))
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--heap", choices=["steady", "glibc"], default="steady", help="glibc: its default mmap threshold")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one", choices=["inference", "transmute"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=64, help=argparse.SUPPRESS)
@@ -115,6 +118,7 @@ def main() -> None:
                 print(json.dumps(r), file=sys.stderr, flush=True)
     doc = {
         "mode": args.mode,
+        "heap": args.heap,
         "batch_size": args.batch_size,
         "points": rows,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
