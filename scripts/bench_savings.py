@@ -103,7 +103,7 @@ def main() -> None:
     q = len(held)
     per_query = {k: statistics.median(v) / (1 if k == "prompt_kv_cache_build" else q) for k, v in times.items()}
     nonembed = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
-    lp, lq = len(pairs.prefix_prompted), statistics.mean(len(s) for s in pairs.queries)
+    lp, lq = len(pairs.prefix_prompted), round(statistics.mean(len(s) for s in pairs.queries))
     l0 = len(pairs.prefix_free)
     flops = {
         "base_with_prompt": flops_per_query(model.config, nonembed, 0, lp, lq, n),
