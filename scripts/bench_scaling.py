@@ -9,6 +9,7 @@ python scripts/bench_scaling.py [--probes 64,256,1024] [--models tiny,default] [
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -44,13 +45,11 @@ def _one(args) -> dict:
 
     from thoughtpatch import default_probes, load_model, load_prompt
     from thoughtpatch.constants import PRESETS
-    from thoughtpatch.engine import pad_right, steady_heap
+    from thoughtpatch.engine import pad_right
     from thoughtpatch.pipeline import run_transmute
     from thoughtpatch.prompts import align
 
     torch.set_grad_enabled(False)
-    if args.heap == "steady":  # as the command line runs
-        steady_heap()
     lm = load_model(args.model)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     probes = (default_probes() * 64)[: args.n]
@@ -65,7 +64,8 @@ def _one(args) -> dict:
         lm.model(input_ids=ids, attention_mask=mask)
     else:
         cfg = PRESETS[args.mode]
-        run_transmute(lm, prompt, probes, cfg)
+        trim = ctypes.CDLL("libc.so.6").malloc_trim if args.heap == "trim" else None
+        run_transmute(lm, prompt, probes, cfg, progress=(lambda n: trim(0)) if trim else None)
     return {
         "seconds": time.perf_counter() - t,
         "rss_after_load_mb": rss_loaded,
@@ -77,7 +77,10 @@ def _one(args) -> dict:
 def _spawn(model: str | None, what: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--mode", args.mode, "--prompt", args.prompt]
     cmd += ["--batch-size", str(args.batch_size), "--heap", args.heap] + (["--model", model] if model else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error") | (
+        {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.heap == "mmap" else {}
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{what} {n} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,7 +93,12 @@ def main() -> None:
     ap.add_argument("--mode", default="best")
     ap.add_argument("--prompt", default=str(ROOT / "examples" / "french.txt"))
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--heap", choices=["steady", "glibc"], default="steady", help="glibc: its default mmap threshold")
+    ap.add_argument(
+        "--heap",
+        choices=["glibc", "mmap", "trim"],
+        default="glibc",
+        help="mmap: MALLOC_MMAP_THRESHOLD_=131072; trim: malloc_trim after each block",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one", choices=["inference", "transmute"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=64, help=argparse.SUPPRESS)

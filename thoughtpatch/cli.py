@@ -105,9 +105,6 @@ def progress(label: str, total: int):
 def _setup(quiet: bool) -> None:
     global _quiet
     _quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 speaks
-    from .engine import steady_heap
-
-    steady_heap()
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging

@@ -9,10 +9,9 @@ model's own forward does, so code here never needs to know how a family builds i
 from __future__ import annotations
 
 import copy
-import ctypes
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,6 @@ __all__ = [
     "run_block",
     "hooks",
     "device_of",
-    "steady_heap",
     "matvec",
     "pad_right",
     "pad_after_prefix",
@@ -71,16 +69,6 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
         )
         for i, layer in enumerate(layers)
     ]
-
-
-def steady_heap() -> None:
-    """Return large freed buffers to the OS at once (glibc; a no-op elsewhere).
-
-    glibc raises its mmap threshold after large frees, so later large tensors come from the heap and the
-    holes they leave are kept: stepping 30 blocks of the default model grew the peak RSS by 0.5 GB that way.
-    """
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD fixed at 128 KiB
 
 
 def device_of(model: nn.Module) -> torch.device:
