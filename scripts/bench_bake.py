@@ -4,7 +4,8 @@ python scripts/bench_bake.py [--patch P] [--shard-size 200MB] [--repeat 1] [--js
 
 Saves the default model (or --model) in several shards into a temporary folder, then runs, each in its own
 process and side by side: ``thoughtpatch apply --save`` (streaming), ``from_pretrained`` + the same patch
-folded into the state dict + ``save_pretrained``, and ``cp -r`` (with and without ``sync`` of the copied
+folded into the state dict + ``save_pretrained``, PEFT's ``merge_and_unload`` + ``save_pretrained`` of a LoRA
+adapter (rank --lora-rank on o_proj, gate_proj, up_proj; needs peft), and ``cp -r`` (with and without ``sync`` of the copied
 files; baking fsyncs what it writes), plus the interpreter's start-up alone (the fixed part of the first
 two). Peak RSS is the child's ``ru_maxrss``. Without --patch, a bakeable
 patch is built first with ``thoughtpatch transmute examples/french.txt --mode bakeable``.
@@ -45,6 +46,17 @@ for flag in plan.flags:
 model.save_pretrained(out, state_dict=baked)
 """
 
+PEFT = """
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+src, out, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_grad_enabled(False)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+lora = LoraConfig(r=rank, target_modules=["o_proj", "gate_proj", "up_proj"], init_lora_weights=False)
+get_peft_model(model, lora).merge_and_unload().save_pretrained(out)
+"""
+
 
 def measure(cmd: list[str]) -> dict:
     """Run ``cmd`` in a child process (via this script) and return its wall time and peak RSS."""
@@ -66,6 +78,7 @@ def main() -> None:
     ap.add_argument("--patch", default=None, help="A bakeable patch for the model (default: build one).")
     ap.add_argument("--shard-size", default="200MB")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--workdir", default=None, help="Where the copies go (default: a temporary folder).")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
@@ -107,6 +120,14 @@ def main() -> None:
                 "-q",
             ],  # fmt: skip
             "from_pretrained + patch + save_pretrained": lambda o: [py, "-c", HF, str(src), patch, o],
+            f"peft LoRA r={args.lora_rank}: merge_and_unload + save_pretrained": lambda o: [
+                py,
+                "-c",
+                PEFT,
+                str(src),
+                o,
+                str(args.lora_rank),
+            ],  # fmt: skip
             "cp -r": lambda o: ["cp", "-r", str(src), o],
             "start-up alone (python, thoughtpatch.cli, torch)": lambda o: [
                 py,

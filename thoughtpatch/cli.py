@@ -43,6 +43,13 @@ Model = Annotated[
 ]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, float64, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(help="Spread the weights over GPUs, CPU and disk (accelerate): auto, balanced or sequential."),
+]
+MaxMemory = Annotated[
+    str | None, typer.Option(help="Memory per device for the device map, e.g. cpu=2GiB,0=20GiB (implies auto).")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -105,10 +112,10 @@ def _setup(quiet: bool, output: str | None = None) -> None:
 
     check_output(output)
     global _quiet
-    _quiet = quiet
+    _quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 speaks
     warnings.showwarning = _warn
     warnings.simplefilter("default", IllConditionedWarning)
-    set_quiet(quiet)
+    set_quiet(_quiet)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
@@ -117,12 +124,22 @@ def _setup(quiet: bool, output: str | None = None) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, what: str = "", cfg=None):
+def _load(
+    model: str | None,
+    dtype: str,
+    device: str,
+    meta: dict | None = None,
+    what: str = "",
+    cfg=None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+):
     """Load the model; a file's fingerprint and the config's layer choice are checked before the weights."""
     import torch
 
+    from .distributed import init
     from .formats import check_fingerprint
-    from .models import load_model
+    from .models import load_model, parse_max_memory, resolve_device
 
     def check(config):
         if meta is not None:
@@ -131,8 +148,12 @@ def _load(model: str | None, dtype: str, device: str, meta: dict | None = None, 
             cfg.validate(config.num_hidden_layers)
 
     torch.set_grad_enabled(False)
+    init(cuda=resolve_device(device).type == "cuda")
     with spinner("loading the model (converting it on first use)"):
-        lm = load_model(model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code)
+        lm = load_model(
+            model, dtype=dtype, device=device, log=log, check=check, trust_remote_code=_trust_remote_code,
+            device_map=device_map, max_memory=parse_max_memory(max_memory),
+        )  # fmt: skip
     made = (meta or {}).get("base_model_revision")
     if made and lm.revision and made != lm.revision:
         err.print(
@@ -174,6 +195,8 @@ def extract(
     ] = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: Annotated[
@@ -184,6 +207,7 @@ def extract(
     debug: Debug = False,
 ) -> None:
     """Record the exact token-dependent implicit updates of a prompt, per query token and block."""
+    from .distributed import is_main, world
     from .formats import updates_to_bytes
     from .pipeline import run_extract
     from .prompts import load_probes, load_prompt
@@ -195,13 +219,16 @@ def extract(
     _stdout_once(json_out, output)
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, device_map=device_map, max_memory=max_memory)
     with progress("extract", len(queries)) as step:
         result = run_extract(
             lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check,
             batch_size=batch_size, store_prompt=store_prompt, log=log, progress=step,
         )  # fmt: skip
     summary = result.summary()
+    if not is_main():  # under torchrun rank 0 writes the one output
+        return
+    summary["processes"] = world()[1]
     if output:
         from .files import write_bytes
 
@@ -281,6 +308,8 @@ def _write_patch(patch, output: str) -> None:
 
 
 def _patch_summary(patch, seconds: dict, output: str) -> dict:
+    from .distributed import world
+
     return {
         "output": output,
         "parameters": patch.numel(),
@@ -289,6 +318,7 @@ def _patch_summary(patch, seconds: dict, output: str) -> dict:
         "bakeable": patch.bakeable,
         "method": {k.removeprefix("method."): v for k, v in patch.meta.items() if k.startswith("method.")},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "processes": world()[1],
     }
 
 
@@ -328,11 +358,14 @@ def condense(
     skip: Skip = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Condense implicit updates into a token-independent patch (thought vectors, matrices, attention maps)."""
+    from .distributed import is_main
     from .files import read_bytes
     from .formats import updates_from_bytes
     from .pipeline import run_condense
@@ -344,10 +377,15 @@ def condense(
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
-    lm = _load(model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg)
+    lm = _load(
+        model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg, device_map,
+        max_memory,
+    )  # fmt: skip
     log(f"condensing {updates.n_tokens} query tokens ({cfg.construction})")
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
+    if not is_main():
+        return
     _write_patch(patch, output)
     _report(_patch_summary(patch, seconds, output), json_out, output, "patch")
 
@@ -384,11 +422,14 @@ def transmute(
     store_prompt: StorePrompt = True,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Turn a prompt into a patch in one step (extract + condense): the path most users take."""
+    from .distributed import is_main
     from .pipeline import run_transmute
     from .prompts import load_probes, load_prompt
 
@@ -406,7 +447,7 @@ def transmute(
         raise UsageError("--answer-tokens must be >= 0")
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
-    lm = _load(model, dtype, device, cfg=cfg)
+    lm = _load(model, dtype, device, cfg=cfg, device_map=device_map, max_memory=max_memory)
     with progress("transmute", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_transmute(
             lm,
@@ -419,6 +460,8 @@ def transmute(
             log=log,
             progress=step,
         )
+    if not is_main():
+        return
     patch.meta["method.mode"] = mode
     _write_patch(patch, output)
     _report(_patch_summary(patch, seconds, output), json_out, output, "patch")
@@ -622,6 +665,8 @@ def eval_(
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -638,7 +683,10 @@ def eval_(
     prompt = load_prompt(prompt_file)
     held = load_probes(queries)
     fit = load_probes(probes) if probes else None
-    lm = _load(model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}")
+    lm = _load(
+        model or patch.meta.get("base_model"), dtype, device, patch.meta, f"patch {patch_file}", None, device_map,
+        max_memory,
+    )  # fmt: skip
     report = run_eval(
         lm, prompt, held, {"patch": patch}, fit_queries=fit, answer_tokens=answer_tokens, chat=chat, caa=caa,
         batch_size=batch_size, log=log,

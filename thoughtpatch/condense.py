@@ -23,10 +23,12 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
+from .distributed import gather_rows, shard
 from .engine import (
     Block,
     StopBlock,
     blocks,
+    device_of,
     hooks,
     layer_calls,
     mid_taps,
@@ -410,6 +412,7 @@ class _Chunk:
     active: Tensor  # (B, T) bool: positions the patch acts on
     sink: Tensor | None = None
     padding: Tensor | None = None  # (B, T, 1) bool: padded positions, kept at zero between blocks
+    n: int = 0  # the chunk's number among all chunks (all ranks)
 
 
 class _Prompted:
@@ -421,11 +424,11 @@ class _Prompted:
 
     def __init__(self, model: nn.Module, pairs: TokenPairs, batch_size: int):
         arch = architecture_for(model)
-        device = next(model.parameters()).device
+        device = device_of(model)
         self.cache = prefix_cache(model, pairs.prefix_prompted)
         lc = len(pairs.prefix_prompted)
         self.chunks: list[tuple[list, Tensor, Tensor]] = []  # (block calls, hidden, valid)
-        for start in range(0, len(pairs.queries), batch_size):
+        for start in _starts(len(pairs.queries), batch_size):
             idx = range(start, min(len(pairs.queries), start + batch_size))
             ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
             calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
@@ -443,15 +446,21 @@ class _Prompted:
             os.append(seen["o"][valid])
             rs.append(seen["r"][valid])
             zs.append(seen["z"][valid])
-        return torch.cat(os), torch.cat(rs), torch.cat(zs)
+        return gather_rows(os), gather_rows(rs), gather_rows(zs)
+
+
+def _starts(n: int, batch_size: int) -> list[int]:
+    """First probe of each chunk this process runs (all of them, or this rank's share under torchrun)."""
+    starts = range(0, n, batch_size)
+    return [starts[k] for k in shard(len(starts))]
 
 
 def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
     arch = architecture_for(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     l0 = len(pairs.prefix_free)
     chunks = []
-    for start in range(0, len(pairs.queries), batch_size):
+    for start in _starts(len(pairs.queries), batch_size):
         idx = list(range(start, min(len(pairs.queries), start + batch_size)))
         ids, mask = pad_right([pairs.free(i) for i in idx], 0, device)
         query = torch.zeros_like(mask, dtype=torch.bool)
@@ -459,7 +468,11 @@ def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int
             query[j, l0 : l0 + len(pairs.queries[i])] = True
         calls = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
-        chunks.append(_Chunk(idx, calls.calls, calls.hidden, query, active, padding=~mask.bool()[..., None]))
+        chunks.append(
+            _Chunk(
+                idx, calls.calls, calls.hidden, query, active, padding=~mask.bool()[..., None], n=start // batch_size
+            )
+        )
     return chunks
 
 
@@ -514,7 +527,7 @@ def condense(
 
 
 def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) -> Tensor:
-    return torch.cat([seen[id(ch)][key][ch.query] for ch in chunks])
+    return gather_rows([seen[id(ch)][key][ch.query] for ch in chunks])
 
 
 def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge) -> LayerPatch:
@@ -534,7 +547,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
 
     _run_free(blk, chunks, pos, tap)
     o_c, r_c, z_c = targets
-    h_in = torch.cat([ch.hidden[ch.query] for ch in chunks])
+    h_in = gather_rows([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
         | detect_sinks(h_in.norm(dim=-1).float(), cfg.sink_factor)
@@ -544,7 +557,7 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
         o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
         oc = o_c[keep].unflatten(-1, (heads, head_dim))
         x = _gather(chunks, "x", seen)[keep] if (cfg.attn_query or cfg.attn_gate) else None
-        groups = torch.cat([torch.full((int(ch.query.sum()),), n) for n, ch in enumerate(chunks)])[keep.cpu()]
+        groups = gather_rows([torch.full((int(ch.query.sum()),), ch.n) for ch in chunks])[keep.cpu()]
         ridge = cfg.attn_ridge
         if cfg.attn_ridge_grid:
             ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))

@@ -28,6 +28,7 @@ __all__ = [
     "layer_calls",
     "run_block",
     "hooks",
+    "device_of",
     "matvec",
     "pad_right",
     "pad_after_prefix",
@@ -133,6 +134,11 @@ def mid_taps(blk: Block, seen: dict[str, Tensor], stop: bool = False) -> list[tu
     ]
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model takes its inputs: its first parameter not offloaded (``meta``) by a device map."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 def matvec(module: nn.Module, x: Tensor, transposed: bool) -> Tensor:
     """``W x`` for the module's weight, without its bias (``transposed``: GPT-2 Conv1D layout)."""
     w = module.weight
@@ -160,14 +166,18 @@ def layer_calls(
         seen.append((hidden_states, args, kwargs))
         return (hidden_states,) if arch.tuple_output else hidden_states
 
+    own = [layer.__dict__.get("forward") for layer in layers]  # a device map's hooks wrap forward
     for layer in layers:
         layer.forward = identity
     extra = {} if cache is None else {cache_kwarg(decoder): cache, "use_cache": True}
     try:
         decoder(input_ids=input_ids, attention_mask=attention_mask, **({"use_cache": False} | extra))
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return LayerCalls(seen[0][0], [(args, kwargs) for _, args, kwargs in seen])
 
 
@@ -178,7 +188,7 @@ def prefix_cache(model: nn.Module, prefix: list[int]):
 
     cache = DynamicCache(config=model.config)
     if prefix:
-        device = next(model.parameters()).device
+        device = device_of(model)
         model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
     return cache
 
@@ -307,7 +317,7 @@ def greedy(
     tokens are sampled instead, reproducibly from ``seed``.
     """
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = device_of(model)
     kw = cache_kwarg(model)
     base = prefix_cache(model, prefix)
     results: list[list[int]] = []

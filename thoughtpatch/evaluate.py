@@ -25,6 +25,7 @@ from .architectures import architecture_for
 from .engine import (
     blocks,
     cache_kwarg,
+    device_of,
     eos_ids,
     greedy,
     hooks,
@@ -68,7 +69,7 @@ def answer_logprobs(model: nn.Module, prefix: list[int], pairs: TokenPairs, batc
 
     The prefix is computed once (under whatever patch is installed) and shared through a KV cache.
     """
-    device = next(model.parameters()).device
+    device = device_of(model)
     cache = prefix_cache(model, prefix)
     kw = cache_kwarg(model)
     out: list[Tensor] = []
@@ -118,7 +119,7 @@ def residual_differences(model: nn.Module, pairs: TokenPairs, batch_size: int = 
     n = 0
     for prefix, sign in ((pairs.prefix_prompted, 1.0), (pairs.prefix_free, -1.0)):
         cache = prefix_cache(model, prefix)
-        device = next(model.parameters()).device
+        device = device_of(model)
         for start in range(0, len(pairs.queries), batch_size):
             idx = range(start, min(len(pairs.queries), start + batch_size))
             ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)

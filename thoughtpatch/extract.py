@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import Architecture, architecture_for
+from .distributed import gather_rows, shard
 from .engine import (
     Block,
     StopBlock,
     blocks,
+    device_of,
     eos_ids,
     greedy,
     hooks,
@@ -106,12 +108,13 @@ def extract(
     """
     arch = architecture_for(model)
     blks = blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device_of(model)
     cache_c, cache_0 = prefix_cache(model, pairs.prefix_prompted), prefix_cache(model, pairs.prefix_free)
     lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     out: dict[str, list[list[Tensor]]] = {k: [[] for _ in blks] for k in ("delta", "a", "u", "rc", "r0")}
     probe, position, embed = [], [], []
-    for idx in _batches(len(pairs.queries), batch_size):
+    batches = list(_batches(len(pairs.queries), batch_size))
+    for idx in (batches[k] for k in shard(len(batches))):  # all, or this rank's share under torchrun
         ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
         valid = valid.bool()
         for i in idx:
@@ -135,21 +138,21 @@ def extract(
                 out[key][blk.index].append(val)
         if progress:
             progress(len(idx))
-    cat = {k: [torch.cat(v) for v in vals] for k, vals in out.items()}
+    cat = {k: [gather_rows(v) for v in vals] for k, vals in out.items()}
     sink = torch.stack(
         [
             detect_sinks(rc.norm(dim=-1).float(), sink_factor) | detect_sinks(r0.norm(dim=-1).float(), sink_factor)
             for rc, r0 in zip(cat["rc"], cat["r0"], strict=True)
         ]
     ).cpu()
-    embed_delta = torch.cat(embed)
+    embed_delta = gather_rows(embed)
     return Updates(
         cat["delta"],
         cat["a"],
         cat["u"],
         sink,
-        torch.cat(probe),
-        torch.cat(position),
+        gather_rows(probe),
+        gather_rows(position),
         embed_delta if embed_delta.abs().max() > 0 else None,
         pairs,
     )
@@ -173,7 +176,7 @@ def check(model: nn.Module, updates: Updates, *, batch_size: int = 16, routing: 
     """
     arch: Architecture = architecture_for(model)
     blks = blocks(model, arch)
-    device = next(model.parameters()).device
+    device = device_of(model)
     pairs = updates.pairs
     lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     worst = 0.0

@@ -14,8 +14,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
+import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ __all__ = [
     "default_model_dir",
     "wheel_model_dir",
     "load_model",
+    "parse_max_memory",
     "resolve_dtype",
 ]
 
@@ -135,6 +139,31 @@ def _gguf(name: str, spec: WheelModel) -> Path:
     return out
 
 
+def parse_max_memory(spec: str | None) -> dict[int | str, int | str] | None:
+    """``cpu=2GiB,0=20GiB`` -> ``{"cpu": "2GiB", 0: "20GiB"}`` (plain numbers are bytes); None stays None."""
+    if spec is None:
+        return None
+    out: dict[int | str, int | str] = {}
+    for part in spec.split(","):
+        key, _, value = part.strip().partition("=")
+        if not (key == "cpu" or key.isdigit()) or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value):
+            raise UsageError(f"--max-memory {spec!r}: expected DEVICE=SIZE pairs like cpu=2GiB,0=20GiB")
+        out[int(key) if key.isdigit() else key] = int(value) if value.isdigit() else value
+    return out
+
+
+def _placement(device_map: str | None, max_memory: dict | None, log) -> dict:
+    """``from_pretrained`` arguments that spread the weights over devices, CPU and disk (accelerate)."""
+    if device_map is None and max_memory is None:
+        return {}
+    if device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+        raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, not {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map and --max-memory need accelerate: pip install accelerate")
+    offload = tempfile.mkdtemp(prefix="thoughtpatch-offload-")
+    return {"device_map": device_map or "auto", "max_memory": max_memory, "offload_folder": offload}
+
+
 def wheel_model_dir(name: str = DEFAULT_MODEL, log=None) -> Path:
     """A wheel-shipped model's HF folder (:data:`WHEEL_MODELS`), converted from its GGUF on first use."""
     if name not in WHEEL_MODELS:
@@ -203,13 +232,16 @@ def load_model(
     log=None,
     check=None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     **overrides,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, or the default model when ``None``.
 
     ``overrides`` go to the config (e.g. ``num_hidden_layers=2`` for a truncated model); ``check(config)``
     runs before any weight is read, so a mismatch fails fast. Code shipped inside a model folder never runs
-    unless ``trust_remote_code`` is set.
+    unless ``trust_remote_code`` is set. ``device_map`` / ``max_memory`` spread the weights over the GPUs, the
+    CPU and disk through accelerate (``device`` is then ignored).
 
     >>> lm = load_model(None, dtype="float32")  # doctest: +SKIP
     >>> lm.model.config.model_type  # doctest: +SKIP
@@ -241,14 +273,22 @@ def load_model(
         check(config)
     if log:
         log(f"loading {folder}")
+    placement = _placement(device_map, max_memory, log)
     try:
         # grouped expert kernels have no float64 form; the plain loop over experts has
         moe = {"experts_implementation": "eager"} if arch.router and dtype == torch.float64 else {}
-        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **moe, **remote)
+        net = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **moe, **remote, **placement)
         tok = AutoTokenizer.from_pretrained(folder, **remote)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {folder}: cannot load it ({str(exc).splitlines()[0]})") from None
-    net.to(resolve_device(device)).eval()
+    if placement:
+        weakref.finalize(net, shutil.rmtree, placement["offload_folder"], True)
+        if log:
+            where = Counter(str(d) for d in net.hf_device_map.values())
+            log("device map: " + ", ".join(f"{n} modules on {d}" for d, n in sorted(where.items())))
+    else:
+        net.to(resolve_device(device))
+    net.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model_id = (model if model in WHEEL_MODELS else DEFAULT_MODEL) if named else str(folder.resolve())

@@ -55,7 +55,7 @@ def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:
     """The correction each of the real hooks makes at block ``i``'s sites, given the same site inputs."""
     blk = blocks(lm.model, architecture_for(lm.model))[i]
     out = {}
-    for module, kind, fn in layer_hook_specs(lm.model, patch, Positions(0), only={i}):
+    for module, _kind, fn in layer_hook_specs(lm.model, patch, Positions(0), only={i}):
         if module is blk.input_norm:
             fn(module, (), inputs["x"])
         elif module is blk.attn_out:

@@ -1,0 +1,59 @@
+"""Several processes, one result: probe chunks split across the ranks of ``torchrun``.
+
+Each rank runs a contiguous run of whole probe chunks (exactly the chunks one process would run, in
+order); the rows of all chunks are all-gathered in chunk order, so every rank fits from the same rows as a
+single process and the output is byte-identical. Summing float statistics across ranks would not be: the
+order of additions changes the last bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import UsageError
+
+__all__ = ["init", "world", "is_main", "shard", "gather_rows"]
+
+
+def init(cuda: bool = False) -> None:
+    """Join the process group ``torchrun`` describes (NCCL for CUDA, gloo on CPU); a no-op when run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def shard(n: int) -> range:
+    """This rank's share of ``n`` chunks: a contiguous run, ranks in chunk order."""
+    rank, size = world()
+    if n < size:
+        raise UsageError(f"{n} chunks of probes for {size} processes: give more probes or fewer processes")
+    return range(rank * n // size, (rank + 1) * n // size)
+
+
+def gather_rows(parts: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """``torch.cat`` of this rank's rows and every other rank's, in rank (hence chunk) order."""
+    if world()[1] == 1:
+        return torch.cat(parts)
+    local = torch.cat(parts).cpu() if parts else None
+    every: list[Tensor | None] = [None] * world()[1]
+    dist.all_gather_object(every, local)
+    out = torch.cat([t for t in every if t is not None])
+    return out.to(device if device is not None else parts[0].device if parts else "cpu")
