@@ -263,7 +263,10 @@ def fit_gate(r: Tensor, o: Tensor, x: Tensor, ridge: float) -> Tensor:
     """
     f = torch.cat([torch.ones_like(x[:, :1]), x], -1).float()  # (N, d+1)
     w = (o.float() ** 2).sum(-1).T  # (H, N)
-    s = ((f.T[None] * w[:, None, :]) @ f).double()  # (H, d+1, d+1); float32 products, float64 solve
+    s = sum(  # (H, d+1, d+1): float32 products over row blocks (bounded memory), summed in float64
+        ((f[k : k + 4096].T[None] * w[:, None, k : k + 4096]) @ f[k : k + 4096]).double()
+        for k in range(0, len(f), 4096)
+    )
     f = f.double()
     c = ((r.double() * o.double()).sum(-1).T) @ f  # (H, d+1)
     p = s.shape[-1]
