@@ -11,6 +11,7 @@ from conftest import run_cli
 from thoughtpatch import load_model
 from thoughtpatch.algebra import merge
 from thoughtpatch.apply import installed
+from thoughtpatch.bake import bake_checkpoint, patch_record
 from thoughtpatch.compare import diff_patch_model, diff_patches, effective_rank, functional_diff
 from thoughtpatch.patch import LayerPatch, Patch, patch_from_bytes
 from thoughtpatch.prompts import free_ids
@@ -18,22 +19,24 @@ from thoughtpatch.prompts import free_ids
 
 @pytest.fixture(scope="module")
 def changed(tiny_dir, tmp_path_factory):
-    """A pico model whose MLP input matrices became W (I + M_l), M_l of rank 2, saved as its own folder."""
+    """A pico model baked (``apply --save``'s code) from a patch of rank-2 thought matrices M_l: its MLP input
+    matrices became W (I + M_l)."""
     base_dir = tiny_dir("llama")
     lm = load_model(str(base_dir))
     g = torch.Generator().manual_seed(0)
     d = lm.model.config.hidden_size
-    ms = {}
-    with torch.no_grad():
-        for i, layer in enumerate(lm.model.model.layers):
-            m = 0.2 * torch.randn(d, 2, generator=g, dtype=torch.float64) @ torch.randn(2, d, generator=g, dtype=torch.float64)  # fmt: skip
-            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                lin.weight.copy_(lin.weight.double() @ (torch.eye(d, dtype=torch.float64) + m))
-            ms[i] = m
-    folder = tmp_path_factory.mktemp("changed")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return base_dir, folder, ms
+    patch = Patch(
+        {
+            i: LayerPatch(
+                matrix_b=0.45 * torch.randn(d, 2, generator=g), matrix_a=0.45 * torch.randn(d, 2, generator=g)
+            )
+            for i in range(lm.model.config.num_hidden_layers)
+        },
+        skip=0,
+    )
+    folder = tmp_path_factory.mktemp("changed") / "baked"
+    bake_checkpoint(base_dir, folder, [patch], [patch_record(patch, "matrices.safetensors", "0" * 64, 1.0)])
+    return base_dir, folder, {i: lp.matrix().double() for i, lp in patch.layers.items()}
 
 
 @pytest.fixture(scope="module")
