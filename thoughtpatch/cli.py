@@ -711,16 +711,6 @@ def eval_(
 # ------------------------------------------------------------------------------------------ patch algebra, diffs, jobs
 
 
-def _read_patch_hashed(path: str):
-    import hashlib
-
-    from .files import read_bytes
-    from .patch import patch_from_bytes
-
-    data = read_bytes(path, "patch")
-    return patch_from_bytes(data, f"patch {path}"), hashlib.sha256(data).hexdigest()
-
-
 def _floats(spec: str | None, what: str) -> list[float] | None:
     if spec is None:
         return None
@@ -791,7 +781,7 @@ def merge(
         raise UsageError("--skip must be >= 0")
     if (method == "svd") != (rank is not None):
         raise UsageError("--method svd needs --rank K (and --rank goes with --method svd)")
-    read = [_read_patch_hashed(p) for p in patch_files]
+    read = [_read_patch_bytes(p) for p in patch_files]
     skips = sorted({p.skip for p, _ in read})
     if skip is None and len(skips) > 1:
         skip = skips[-1]
