@@ -9,15 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Byte-identity holds for the same number of threads per process (float sums are ordered by the thread count).
+ENV = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return subprocess.run([*cmd, "-m", "thoughtpatch", *args], capture_output=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run([*cmd, "-m", "thoughtpatch", *args], capture_output=True, cwd=cwd, env=ENV, timeout=600)
+
+
+def single(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thoughtpatch", *args], capture_output=True, env=ENV, timeout=600)
 
 
 @pytest.mark.parametrize("command", ["transmute", "extract"])
@@ -28,7 +34,7 @@ def test_two_gloo_processes_write_the_single_process_bytes(tiny_dir, tmp_path, c
     probes.write_text("\n".join(lines[:20]) + "\n")  # 3 chunks of 8: rank 0 runs one, rank 1 two
     args = [command, str(ROOT / "examples" / "french.txt"), "--model", str(model), "--probes", str(probes)]
     args += ["--batch-size", "8", "--answer-tokens", "3", "--json", "-q"]
-    one = run_cli(*args, "-o", str(tmp_path / "one.st"))
+    one = single(*args, "-o", str(tmp_path / "one.st"))
     assert one.returncode == 0, one.stderr.decode()
     two = torchrun(*args, "-o", str(tmp_path / "two.st"), cwd=tmp_path)
     assert two.returncode == 0, two.stderr.decode()[-3000:]

@@ -90,7 +90,7 @@ def slow_setup(tmp_path_factory, tok):
         "numbers",
     ]
     g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=g)) for _ in range(16)]
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=g)) for _ in range(48)]
     (d / "probes.txt").write_text("\n".join(lines) + "\n")
     (d / "prompt.txt").write_text("You are a pirate. Speak like a pirate.\n")
     lm = load_model(str(d / "model"))
@@ -132,7 +132,7 @@ def test_interrupt_leaves_nothing_partial_and_rerun_succeeds(slow_setup, tmp_pat
         seen.append(line.decode())
         if marker in seen[-1]:
             break
-    time.sleep(0.3)
+    time.sleep(0.05)
     assert proc.poll() is None, f"finished before the signal: {seen}"
     proc.send_signal(sig)
     _, rest = proc.communicate(timeout=120)
