@@ -283,7 +283,12 @@ def test_killed_mid_way_leaves_nothing_and_rerun_succeeds(sig, tmp_path_factory,
     write_bytes(tmp_path / "p.safetensors", patch_to_bytes(patch))
     out = tmp_path / "baked"
     cmd = [sys.executable, "-m", "thoughtpatch", "apply", str(tmp_path / "p.safetensors"), "--model", str(big)]
-    proc = subprocess.Popen([*cmd, "--save", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(  # SIGINT restored: a runner started in the background may ignore it
+        [*cmd, "--save", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not any(p.name.startswith(".baked.") for p in tmp_path.iterdir()) and proc.poll() is None:
         assert time.time() < deadline

@@ -126,7 +126,9 @@ def test_interrupt_leaves_nothing_partial_and_rerun_succeeds(slow_setup, tmp_pat
     before = _digest(d)
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "thoughtpatch", *argv]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # a runner started in the background (CI) may ignore SIGINT, which its children inherit: restore it
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     seen = []
     for line in proc.stderr:  # wait until the long part has begun
         seen.append(line.decode())
