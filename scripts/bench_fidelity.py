@@ -69,7 +69,7 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
             changes[k] = (
                 (v == "true")
                 if isinstance(cur, bool)
-                else (None if v == "none" else type(cur or 0.0)(v) if not isinstance(cur, str) else v)
+                else (v if isinstance(cur, str) else None if v == "none" else type(cur or 0.0)(v))
             )
             if k == "rank" and v != "none":
                 changes[k] = int(v)

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from .architectures import architecture_for
 from .engine import Block, active_positions, blocks, hooks
+from .errors import UsageError
 from .patch import LayerPatch, Patch, validate_for
+from .virtual import Slots, dispatch, slot_hooks
 
 
 def per_head(o: Tensor, w: Tensor) -> Tensor:
@@ -26,7 +28,13 @@ def per_head(o: Tensor, w: Tensor) -> Tensor:
     return (flat @ w.transpose(-1, -2)).transpose(0, 1).reshape(*o.shape[:-1], w.shape[-2])
 
 
-__all__ = ["installed", "Positions", "head_shape"]
+__all__ = ["installed", "Positions", "head_shape", "kv_heads"]
+
+
+def kv_heads(model: nn.Module) -> int:
+    """The number of key/value heads (grouped-query attention shares each among several heads)."""
+    attention = blocks(model, architecture_for(model))[0].attention
+    return model.config.num_attention_heads // getattr(attention, "num_key_value_groups", 1)
 
 
 def head_shape(model: nn.Module) -> tuple[int, int]:
@@ -42,10 +50,12 @@ class Positions:
     def __init__(self, skip: int):
         self.skip = skip
         self.mask: Tensor | None = None
+        self.keys: Tensor | None = None  # (B or 1, S) bool: keys of the first ``skip`` tokens (past included)
+        self.where: Tensor | None = None  # (B or 1, T) positions of the current tokens in their sequences
 
     def from_call(self, module, args, kwargs):
         if self.skip <= 0:
-            self.mask = None
+            self.mask = self.keys = None
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -60,10 +70,26 @@ class Positions:
         else:
             active = active_positions(mask, (b, t), past, self.skip)
         self.mask = active.to(ids.device)[..., None]
+        if mask is not None and mask.dim() == 2:
+            index = mask.long().cumsum(-1) - 1
+            self.keys, self.where = (index < self.skip) & mask.bool(), index[:, -t:]
+        else:
+            self.keys = (torch.arange(past + t, device=ids.device) < self.skip)[None]
+            self.where = pos.expand(b, t) if pos is not None else torch.arange(past, past + t, device=ids.device)[None]
 
     def set(self, active: Tensor | None) -> None:
         """Set the mask by hand (for code that steps through blocks without calling the model)."""
         self.mask = None if active is None else active[..., None]
+        at = None if active is None else torch.arange(active.shape[1], device=active.device)[None]
+        self.keys, self.where = (None, None) if at is None else (at < self.skip, at)
+
+    def rows(self) -> Tensor | None:
+        """(B, T) bool: the query rows the patch acts on (None: all)."""
+        return None if self.mask is None else self.mask[..., 0]
+
+    def prefix_keys(self) -> Tensor:
+        """(B or 1, S) bool: the keys that patched rows no longer read (their slots stand for them)."""
+        return self.keys if self.keys is not None else torch.zeros(1, 0, dtype=torch.bool)
 
     def gate(self, update: Tensor) -> Tensor:
         return update if self.mask is None else update * self.mask.to(update.dtype)
@@ -111,6 +137,8 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             return (z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T), *args[1:])
 
         specs.append((blk.mlp, "pre", matrix))
+    if lp.kv_key is not None:
+        specs += slot_hooks(blk.attention, Slots(lp.kv_key, lp.kv_value, lp.kv_bias, lp.kv_position), pos)
     return specs
 
 
@@ -131,10 +159,14 @@ def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0
     patches = [patches] if isinstance(patches, Patch) else list(patches)
     cfg = model.config
     heads, head_dim = head_shape(model)
+    if sum(p.has_slots for p in patches) > 1:
+        raise UsageError("only one of the patches may carry virtual key/value slots (each replaces the same tokens)")
     with ExitStack() as stack:
+        if any(p.has_slots for p in patches):
+            stack.enter_context(dispatch(model))
         states = []
         for patch in patches:
-            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim)
+            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kv_heads(model))
             p = patch.scaled(scale) if scale != 1.0 else patch
             pos = Positions(p.skip)
             handle = model.register_forward_pre_hook(pos.from_call, with_kwargs=True)

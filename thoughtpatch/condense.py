@@ -42,6 +42,7 @@ from .errors import IllConditionedWarning, UsageError, require_finite
 from .extract import Updates, detect_sinks
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
+from .virtual import allowed_keys, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -72,6 +73,8 @@ class CondenseConfig:
     )
     sink_factor: float = 10.0
     batch_size: int = 16
+    kv: float = 0.0  # virtual key/value slots per block: this share of the prompted prefix's tokens (0: none)
+    kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -84,10 +87,16 @@ class CondenseConfig:
             raise UsageError(f"--rank must be a positive integer, not {self.rank}")
         if self.ridge < 0 or self.attn_ridge < 0:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
-        if not (self.vector or self.matrix or self.attn != "none"):
+        if not (self.vector or self.matrix or self.attn != "none" or self.kv):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
         if self.bakeable and (self.attn_query or self.attn_gate or self.skip not in (None, 0)):
             raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
+        if not 0 <= self.kv <= 1:
+            raise UsageError(f"--kv must be a share of the prompt's tokens in [0, 1], not {self.kv}")
+        if self.bakeable and self.kv:
+            raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
+        if self.kv and self.construction == "parallel":
+            raise UsageError("virtual key/value slots need the sequential construction")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
             raise UsageError("the query-dependent attention terms need --attn scalar or full")
         if n_layers is not None and self.layers is not None:
@@ -111,7 +120,7 @@ class CondenseConfig:
             "attn_ridge": repr(self.attn_ridge),
             "strength": repr(self.strength),
             "sink_factor": repr(self.sink_factor),
-        }
+        } | ({"kv": repr(self.kv), "kv_ridge": repr(self.kv_ridge)} if self.kv else {})
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -379,6 +388,8 @@ def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
 
 
 def _skip(cfg: CondenseConfig, pairs: TokenPairs) -> int:
+    if cfg.kv:  # the slots stand for the whole prompt-free prefix
+        return len(pairs.prefix_free)
     if cfg.skip is None:
         return pairs.n_lead
     return len(pairs.prefix_free) if cfg.skip == -1 else cfg.skip
@@ -501,8 +512,26 @@ def condense(
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
-    cfg = for_family(cfg, architecture_for(model))
-    blks = blocks(model, architecture_for(model))
+    with dispatch(model) if cfg.kv else contextlib.nullcontext():
+        return _sequential(model, pairs, cfg, progress)
+
+
+def _prompt_kv(model: nn.Module, pairs: TokenPairs) -> list[tuple[Tensor, Tensor, int]]:
+    """The prompted prefix's keys and values per block, (KVH, L, hd) each, the keys at the positions the
+    prompt-free run's queries see them from (rotary families; others keep their own positions), and the
+    position of the first (sliding-window layers keep only the last tokens)."""
+    rotary = any("rotary" in name for name, _ in model.named_modules())
+    n = len(pairs.prefix_prompted)
+    shift = n - len(pairs.prefix_free) if rotary else 0
+    cache = prefix_cache(model, pairs.prefix_prompted, shift)
+    return [(layer.keys[0], layer.values[0], n - layer.keys.shape[2] - shift) for layer in cache.layers]
+
+
+def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progress) -> Patch:
+    arch = architecture_for(model)
+    cfg = for_family(cfg, arch)
+    blks = blocks(model, arch)
+    prompt_kv = _prompt_kv(model, pairs) if cfg.kv else None
     heads, head_dim = head_shape(model)
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
@@ -517,7 +546,10 @@ def condense(
         targets = prompted.step(blk)
         require_finite(targets[1], f"block {i} (prompted run)")
         if i in fit_layers:
-            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges)
+            slots = None
+            if prompt_kv is not None:
+                slots = _slots(blk, chunks, pos, *prompt_kv[i], max(1, round(cfg.kv * len(pairs.prefix_prompted))), cfg)
+            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges, slots)
             patch.layers[i] = lp.scaled(cfg.strength)
         specs = layer_hook_specs(model, patch, pos, {i})
         _run_free(blk, chunks, pos, lambda ch, specs=specs: specs, advance=True)
@@ -533,7 +565,36 @@ def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) 
     return gather_rows([seen[id(ch)][key][ch.query] for ch in chunks])
 
 
-def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge) -> LayerPatch:
+def _slots(blk: Block, chunks: list[_Chunk], pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
+    """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched)."""
+    qs, shares, now = [], [], {}
+
+    def record(module, query, key, value, mask):
+        b, _, t, s = query.shape[0], None, query.shape[2], key.shape[2]
+        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        own = (query @ key.repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(-1, -2)) * scaling
+        reads = allowed_keys(mask, b, t, s, query.device) & ~pos.prefix_keys().to(query.device)[:, None, None, -s:]
+        share = prefix_share(query, keys, own.masked_fill(~reads, float("-inf")), scaling)
+        rows = now["chunk"].query
+        qs.append(query.transpose(1, 2)[rows].float())
+        shares.append(share.transpose(1, 2)[rows].float())
+        raise StopBlock
+
+    def specs_for(ch):
+        now["chunk"] = ch
+        return []
+
+    blk.attention._thoughtpatch_record = record
+    try:
+        _run_free(blk, chunks, pos, specs_for)
+    finally:
+        del blk.attention._thoughtpatch_record
+    scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
+    _, slots = fit_slots(gather_rows(qs), gather_rows(shares), keys, values, scaling, m, cfg.kv_ridge, first)
+    return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
+
+
+def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge, slots=None) -> LayerPatch:
     i = blk.index
     seen: dict[int, dict[str, Tensor]] = {}
 
@@ -548,14 +609,15 @@ def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies,
 
         return [blk.attn_input(grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
 
-    _run_free(blk, chunks, pos, tap)
+    lp = slots or LayerPatch()
+    with_slots = Patch({i: lp}, cfg.placement, pos.skip)
+    _run_free(blk, chunks, pos, lambda ch: layer_hook_specs(model, with_slots, pos) + tap(ch))
     o_c, r_c, z_c = targets
     h_in = gather_rows([ch.hidden[ch.query] for ch in chunks])
     keep = ~(
         detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
         | detect_sinks(h_in.norm(dim=-1).float(), cfg.sink_factor)
     )
-    lp = LayerPatch()
     if cfg.attn != "none":
         o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
         oc = o_c[keep].unflatten(-1, (heads, head_dim))

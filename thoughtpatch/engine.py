@@ -50,6 +50,7 @@ class Block:
     layer: nn.Module
     input_norm: nn.Module | None  # None: the attention reads the block input itself (post-norm blocks)
     attn_out: nn.Module
+    attention: nn.Module  # calls the attention function (its keys and values)
     branch: nn.Module
     mlp_norm: nn.Module | None  # None: the MLP reads the mid-residual itself
     mlp: nn.Module
@@ -92,6 +93,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             layer,
             arch.input_norm and submodule(layer, arch.input_norm),
             submodule(layer, arch.attn_out),
+            submodule(layer, arch.attention),
             submodule(layer, arch.branch),
             arch.mlp_norm and submodule(layer, arch.mlp_norm),
             submodule(layer, arch.mlp),
@@ -182,14 +184,18 @@ def layer_calls(
 
 
 @torch.no_grad()
-def prefix_cache(model: nn.Module, prefix: list[int]):
-    """The KV cache of a token prefix shared by a batch (computed once, batch size 1)."""
+def prefix_cache(model: nn.Module, prefix: list[int], shift: int = 0):
+    """The KV cache of a token prefix shared by a batch (computed once, batch size 1); with ``shift`` its
+    tokens sit ``shift`` positions earlier (rotary families: a query then sees them at the offsets it would
+    see them ``shift`` positions later)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     if prefix:
         device = device_of(model)
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
+        ids = torch.tensor([prefix], device=device)
+        at = {"position_ids": torch.arange(len(prefix), device=device)[None] - shift} if shift else {}
+        model(input_ids=ids, use_cache=True, **at, **{cache_kwarg(model): cache})
     return cache
 
 

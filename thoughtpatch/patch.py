@@ -14,6 +14,10 @@ Tensors, per block ``l`` (0-based), each optional:
   the MLP norm (``attn_out``), per the ``placement`` metadata.
 * ``layers.l.matrix.B`` / ``layers.l.matrix.A``: ``(d, k)`` factors of the thought matrix ``M = B A^T``
   acting on the MLP input: every MLP input matrix ``W <- W (I + M)``.
+* ``layers.l.kv.key`` / ``layers.l.kv.value``: ``(KVH, m, hd)`` virtual key/value slots and
+  ``layers.l.kv.bias`` / ``layers.l.kv.position``: ``(KVH, m)`` their log-multiplicities and positions (for
+  sliding-window layers) (thoughtpatch.virtual): at the patched positions
+  the attention reads the slots instead of the first ``skip_leading_tokens`` tokens (in memory only).
 
 The metadata (strings) names the format and version, the base model and its fingerprint, the method and
 its settings, the prompt (hash, and text unless opted out), the probes, dtypes and the tool version. The
@@ -55,6 +59,10 @@ _PARTS = {
     "vector": "vector",
     "matrix_a": "matrix.A",
     "matrix_b": "matrix.B",
+    "kv_key": "kv.key",
+    "kv_value": "kv.value",
+    "kv_bias": "kv.bias",
+    "kv_position": "kv.position",
 }
 
 
@@ -69,6 +77,10 @@ class LayerPatch:
     vector: Tensor | None = None
     matrix_a: Tensor | None = None
     matrix_b: Tensor | None = None
+    kv_key: Tensor | None = None
+    kv_value: Tensor | None = None
+    kv_bias: Tensor | None = None
+    kv_position: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, f) for f, name in _PARTS.items() if getattr(self, f) is not None}
@@ -76,7 +88,7 @@ class LayerPatch:
     @property
     def in_memory_only(self) -> bool:
         """True when a part reads the query (it runs as a hook and does not fold into weights)."""
-        return self.attn_query is not None or self.attn_gate is not None
+        return self.attn_query is not None or self.attn_gate is not None or self.kv_key is not None
 
     @property
     def rank(self) -> int:
@@ -89,9 +101,10 @@ class LayerPatch:
         return sum(t.numel() for t in self.tensors().values())
 
     def scaled(self, alpha: float) -> LayerPatch:
-        """Every part times ``alpha`` (the matrix through its left factor)."""
+        """Every additive part times ``alpha`` (the matrix through its left factor); the slots are a copy of the
+        prompt's keys and values, not a difference, and stay as they are."""
         s = {k: (None if v is None else v * alpha) for k, v in vars(self).items()}
-        s["matrix_a"] = self.matrix_a
+        s.update({k: getattr(self, k) for k in ("matrix_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
         return LayerPatch(**s)
 
 
@@ -106,6 +119,11 @@ class Patch:
 
     def numel(self) -> int:
         return sum(lp.numel() for lp in self.layers.values())
+
+    @property
+    def has_slots(self) -> bool:
+        """True when some block carries virtual key/value slots (thoughtpatch.virtual)."""
+        return any(lp.kv_key is not None for lp in self.layers.values())
 
     @property
     def bakeable(self) -> bool:
@@ -132,7 +150,12 @@ def patch_to_bytes(patch: Patch) -> bytes:
                 "attn": "input of the attention output projection, per head: o + W o + b (+ Q x)",
                 "vector": "residual after the MLP" if patch.placement == "skip" else "mid-residual before the MLP norm",
                 "matrix": "MLP input: every matrix W that reads it becomes W (I + B A^T)",
-            },
+            }
+            | (
+                {"kv": "attention keys/values: the slots replace the skipped leading tokens at the patched positions"}
+                if any(lp.kv_key is not None for lp in patch.layers.values())
+                else {}
+            ),
             sort_keys=True,
         ),
         parameters=str(patch.numel()),
@@ -156,7 +179,15 @@ PATCH_SCHEMA: Schema = {
     "fingerprint": (False, *fingerprint_field),
     "tool_version": (False, *TEXT),
 }
-_DIMS = {"attn.weight": (1, 3), "attn.bias": (1,), "attn.query": (2,), "attn.gate": (2,), "vector": (1,)}
+_DIMS = {
+    "attn.weight": (1, 3),
+    "attn.bias": (1,),
+    "attn.query": (2,),
+    "attn.gate": (2,),
+    "vector": (1,),
+    "kv.key": (3,),
+    "kv.value": (3,),
+}
 
 
 def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
@@ -190,6 +221,16 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
             lp.matrix_a is not None and lp.matrix_a.shape != lp.matrix_b.shape
         ):
             raise UsageError(f"{what}: layer {i} needs matrix.A and matrix.B of the same shape")
+        if (lp.kv_key is None) != (lp.kv_value is None) or (
+            lp.kv_key is not None
+            and (
+                lp.kv_key.shape != lp.kv_value.shape
+                or any(t is not None and t.shape != lp.kv_key.shape[:2] for t in (lp.kv_bias, lp.kv_position))
+            )
+        ):
+            raise UsageError(
+                f"{what}: layer {i} needs kv.key and kv.value of one shape (kv.bias, kv.position: its first two)"
+            )
         w = lp.attn_weight
         if w is not None and w.dim() == 3 and w.shape[1] != w.shape[2]:
             raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(w.shape)}, expected (heads, d, d)")
@@ -215,7 +256,15 @@ def _check_sizes(layers: dict[int, LayerPatch], hidden: int, n_layers: int, what
                 raise UsageError(f"{what}: layer {i} {name} does not fit the hidden size {hidden} of its fingerprint")
 
 
-def validate_for(patch: Patch, hidden: int, n_layers: int, heads: int, head_dim: int, what: str = "patch") -> None:
+def validate_for(
+    patch: Patch,
+    hidden: int,
+    n_layers: int,
+    heads: int,
+    head_dim: int,
+    what: str = "patch",
+    kv_heads: int | None = None,
+) -> None:
     """Check every tensor's shape against the model's sizes before anything runs."""
     for i, lp in patch.layers.items():
         if not 0 <= i < n_layers:
@@ -232,6 +281,11 @@ def validate_for(patch: Patch, hidden: int, n_layers: int, heads: int, head_dim:
                 raise UsageError(f"{what}: layer {i} {name} has shape {tuple(t.shape)}, the model needs {shape}")
         if lp.attn_weight is not None and tuple(lp.attn_weight.shape) not in ((heads,), (heads, head_dim, head_dim)):
             raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(lp.attn_weight.shape)}")
+        kv = lp.kv_key
+        if kv is not None and (kv.shape[2] != head_dim or kv.shape[0] != (kv_heads or kv.shape[0])):
+            raise UsageError(
+                f"{what}: layer {i} kv.key has shape {tuple(kv.shape)}, the model needs ({kv_heads}, slots, {head_dim})"
+            )
         if lp.matrix_a is not None and lp.matrix_a.shape[0] != hidden:
             raise UsageError(
                 f"{what}: layer {i} matrix factors have {lp.matrix_a.shape[0]} rows, the model needs {hidden}"
@@ -258,6 +312,8 @@ def describe_patch(patch: Patch) -> dict:
             row["attn_query_norm"] = float(lp.attn_query.norm())
         if lp.attn_gate is not None:
             row["attn_gate_norm"] = float(lp.attn_gate.norm())
+        if lp.kv_key is not None:
+            row["kv_slots"] = int(lp.kv_key.shape[1])
         rows.append(row)
     return {
         "metadata": dict(sorted(patch.meta.items())),

@@ -1,0 +1,105 @@
+"""Virtual key/value slots: with every prompted-prefix token kept they reproduce the prompted model exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thoughtpatch import Prompt, align, load_model
+from thoughtpatch.apply import installed
+from thoughtpatch.condense import CondenseConfig, condense
+from thoughtpatch.engine import eos_ids, greedy
+from thoughtpatch.errors import UsageError
+from thoughtpatch.evaluate import targets_for
+from thoughtpatch.patch import patch_from_bytes, patch_to_bytes
+
+FIT = ["the dog jumps", "a cat is lazy", "tell me a story", "1 2 3 4", "the fox please", "my dog and cat"]
+ASK = ["What is the capital of France?", "dog", "Tell me a story about a cat and a dog please"]
+PROMPT = Prompt("Translate the sentence into French.", (("Hello", "Bonjour"), ("the cat", "le chat")))
+ALL_SLOTS = CondenseConfig(kv=1.0, attn="none", vector=False, matrix=False)
+
+
+def _query_logits(model, pairs, prefix, i, shift=0):
+    ids = torch.tensor([prefix + pairs.queries[i]])
+    return model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None] - shift).logits[0, len(prefix) :]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3", "gpt_neox", "olmo2"])
+def test_all_slots_reproduce_the_prompted_model(tiny_dir, family):
+    """Float64: the patched model without the prompt gives the prompted logits at every query position.
+
+    Exact (1e-9) against the prompted run placed so that its queries sit where the prompt-free run's do (the
+    slots' keys are computed there); against the plain prompted run within 1e-6, the float32 rounding of the
+    rotary angles that transformers computes at the two positions (the same as moving the prompted run itself).
+    """
+    lm = load_model(str(tiny_dir(family)), dtype="float64")
+    pairs = align(lm.tokenizer, PROMPT, ASK)
+    shift = len(pairs.prefix_prompted) - len(pairs.prefix_free)
+    patch = condense(lm.model, targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3), ALL_SLOTS)
+    assert patch.skip == len(pairs.prefix_free) and patch.has_slots and not patch.bakeable
+    exact, plain, moved = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for i in range(len(ASK)):
+            want = _query_logits(lm.model, pairs, pairs.prefix_prompted, i, shift)
+            same = _query_logits(lm.model, pairs, pairs.prefix_prompted, i)
+            moved = max(moved, float((_query_logits(lm.model, pairs, pairs.prefix_free, i) - want).abs().max()))
+            with installed(lm.model, patch):
+                got = _query_logits(lm.model, pairs, pairs.prefix_free, i)
+            exact, plain = max(exact, float((got - want).abs().max())), max(plain, float((got - same).abs().max()))
+    assert moved > 1e-3  # the prompt matters
+    assert exact <= 1e-9
+    assert plain <= 1e-6
+
+
+def test_slots_in_batched_cached_generation(tiny_dir):
+    """Left-padded batches decoded with a KV cache give the prompted model's greedy answers."""
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    pairs = align(lm.tokenizer, PROMPT, ASK)
+    patch = condense(lm.model, targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3), ALL_SLOTS)
+    eos = eos_ids(lm.model, lm.tokenizer)
+    want = greedy(lm.model, pairs.prefix_prompted, pairs.queries, 6, eos)
+    with installed(lm.model, patch):
+        got = greedy(lm.model, pairs.prefix_free, pairs.queries, 6, eos)
+        assert lm.model.config._attn_implementation == "thoughtpatch"
+    assert got == want
+    assert greedy(lm.model, pairs.prefix_free, pairs.queries, 6, eos) != want
+    assert lm.model.config._attn_implementation != "thoughtpatch"
+
+
+def test_compressed_slots_round_trip_and_help(tiny_dir):
+    """A quarter of the tokens as slots: the file round-trips and the patch moves the model toward the prompt."""
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3)
+    patch = condense(lm.model, fit, CondenseConfig(kv=0.25, attn="none", vector=False, matrix=False))
+    slots = max(1, round(0.25 * len(fit.prefix_prompted)))
+    assert patch.layers[0].kv_key.shape == (2, slots, 8) and patch.meta["method.kv"] == "0.25"
+    again = patch_from_bytes(patch_to_bytes(patch))
+    pairs = align(lm.tokenizer, PROMPT, ASK)
+    err = {}
+    for name, p in (("none", None), ("slots", again)):
+        total = 0.0
+        for i in range(len(ASK)):
+            want = _query_logits(lm.model, pairs, pairs.prefix_prompted, i)
+            if p is None:
+                total += float((_query_logits(lm.model, pairs, pairs.prefix_free, i) - want).norm())
+            else:
+                with installed(lm.model, p):
+                    total += float((_query_logits(lm.model, pairs, pairs.prefix_free, i) - want).norm())
+        err[name] = total
+    assert err["slots"] < 0.5 * err["none"]
+
+
+def test_bad_slot_files_and_configs(tiny_dir):
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT[:2]), 2)
+    patch = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
+    patch.layers[0].kv_value = None
+    patch.meta = {k: v for k, v in patch.meta.items() if k != "parameters"}
+    with pytest.raises(UsageError, match="kv.key and kv.value"):
+        patch_from_bytes(patch_to_bytes(patch))
+    for bad in (CondenseConfig(kv=1.5), CondenseConfig(kv=0.5, bakeable=True, skip=0)):
+        with pytest.raises(UsageError, match="kv"):
+            bad.validate()
+    two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
+    with pytest.raises(UsageError, match="only one"), installed(lm.model, [two, two]):
+        pass

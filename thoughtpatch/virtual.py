@@ -1,0 +1,208 @@
+"""Virtual key/value slots: a compressed copy of the prompt's keys and values (DESIGN.md section 2).
+
+At the patched positions, each attention block reads ``m`` virtual slots per key/value head *instead of* the
+prompt-free prefix (the template's default leading tokens), then the query part as usual. A slot is a key,
+a value and a log-multiplicity ``b`` (its score is ``q . k + b``: one slot can stand for several prompt
+tokens). With every token of the prompted prefix as a slot (keys moved to the prompt-free run's positions)
+the patched model IS the prompted model at the query positions; fewer slots compress it.
+
+The slots run inside the model's own attention function: :func:`dispatch` routes a model's attention through
+:func:`attention`, which adds the slots of a module that carries them (set by a hook for one call) and
+otherwise calls the model's own implementation unchanged.
+
+>>> with dispatch(model), hooks(slot_hooks(attn_module, slots, positions)):   # doctest: +SKIP
+...     model(**inputs)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NAME", "Slots", "attention", "dispatch", "slot_hooks", "fit_slots", "prefix_share", "allowed_keys"]
+
+NAME = "thoughtpatch"
+_INNER: dict[int, str] = {}  # id(config) -> the attention implementation the model had
+
+
+@dataclass
+class Slots:
+    """``key``, ``value``: (KVH, m, hd); ``bias``: (KVH, m) log-multiplicities or None; ``position``: (KVH, m)
+    each slot's position (where its key was computed), for sliding-window layers."""
+
+    key: Tensor
+    value: Tensor
+    bias: Tensor | None = None
+    position: Tensor | None = None
+
+
+def _inner(module: nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _INNER.get(id(module.config), "eager")
+    own_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, own_eager)
+
+
+def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """The attention function :func:`dispatch` installs: the model's own, plus slots where a hook set them."""
+    inner = _inner(module)
+    record = getattr(module, "_thoughtpatch_record", None)
+    if record is not None:
+        record(module, query, key, value, attention_mask)
+    state = getattr(module, "_thoughtpatch_slots", None)
+    if state is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    slots, active, prefix, where = state  # active: (B, T) rows patched; prefix: (B, S) keys they no longer read
+    b, _, t, s = query.shape[0], None, query.shape[2], key.shape[2]
+    m = slots.key.shape[1]
+    dev = query.device
+    active = torch.ones(b, t, dtype=torch.bool, device=dev) if active is None else active.to(dev).expand(b, t)
+    prefix = prefix.to(dev)[..., -s:].expand(b, s)
+    allowed = allowed_keys(attention_mask, b, t, s, dev) & ~(active[:, None, :, None] & prefix[:, None, None, :])
+    reads = active[:, None, :, None].expand(b, 1, t, m)
+    window = getattr(module, "sliding_window", None)
+    if window and slots.position is not None and where is not None:  # slot j is read within the window only
+        g = query.shape[1] // slots.position.shape[0]
+        near = where.to(dev)[:, None, :, None] - slots.position.to(dev).repeat_interleave(g, 0)[None, :, None, :]
+        reads = reads & (near < window)
+    heads = reads.shape[1]
+    allowed = torch.cat([reads, allowed.expand(b, heads, t, s) if heads > 1 else allowed], -1)
+    keys = torch.cat([slots.key.to(key.dtype)[None].expand(b, -1, -1, -1), key], 2)
+    values = torch.cat([slots.value.to(value.dtype)[None].expand(b, -1, -1, -1), value], 2)
+    if slots.bias is None and (attention_mask is None or attention_mask.dtype == torch.bool):
+        return inner(module, query, keys, values, allowed, **kwargs)
+    heads = query.shape[1]
+    bias = torch.zeros(heads, 1, m + s, dtype=query.dtype, device=dev)
+    if slots.bias is not None:
+        bias[:, 0, :m] = slots.bias.to(query.dtype).repeat_interleave(heads // slots.bias.shape[0], 0)
+    neg = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=dev)
+    return inner(module, query, keys, values, torch.where(allowed, bias[None], neg), **kwargs)
+
+
+def allowed_keys(attention_mask: Tensor | None, b: int, t: int, s: int, device) -> Tensor:
+    """(B, 1 or H, T, S) bool: the keys each query row reads, from any attention mask format."""
+    if attention_mask is None:  # implied causal mask (no padding, no window in effect)
+        return torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)[None, None].expand(b, 1, t, s)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _mask(*args, config=None, **kwargs):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[_INNER.get(id(config), "eager")](*args, config=config, **kwargs)
+
+
+@contextmanager
+def dispatch(model: nn.Module) -> Iterator[None]:
+    """Route the model's attention through :func:`attention` for the duration (a no-op without slots)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = model.config
+    own = cfg._attn_implementation
+    if own == NAME:
+        yield
+        return
+    ALL_ATTENTION_FUNCTIONS.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
+    _INNER[id(cfg)] = own or "eager"
+    cfg._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = own
+        _INNER.pop(id(cfg), None)
+
+
+def slot_hooks(module: nn.Module, slots: Slots, positions) -> list[tuple[nn.Module, str, Callable]]:
+    """Hook specs that give ``module`` (an attention block) its slots for each call, gated by ``positions``."""
+
+    def attach(m, args):
+        m._thoughtpatch_slots = (slots, positions.rows(), positions.prefix_keys(), positions.where)
+
+    def detach(m, args, out):
+        m.__dict__.pop("_thoughtpatch_slots", None)
+
+    return [(module, "pre", attach), (module, "fwd", detach)]
+
+
+# --------------------------------------------------------------------------------------------- fitting
+ROWS = 1024  # query rows per block of the fitting sweeps (bounded memory)
+
+
+def prefix_share(query: Tensor, keys: Tensor, own_scores: Tensor, scaling: float) -> Tensor:
+    """(B, H, T): the prompted prefix's share of each row's attention mass, were ``keys`` (KVH, L, hd) read
+    beside the row's own allowed keys (``own_scores``: (B, H, T, S) with disallowed entries at -inf)."""
+    g = query.shape[1] // keys.shape[0]
+    pre = (query @ keys.repeat_interleave(g, 0).transpose(-1, -2)[None].to(query.dtype)) * scaling
+    return torch.sigmoid(pre.logsumexp(-1) - own_scores.logsumexp(-1))
+
+
+def _probs(q: Tensor, keys: Tensor, scaling: float) -> Iterator[tuple[slice, Tensor]]:
+    """Row blocks of each row's attention over the prefix keys: (KVH, rows x group, L), float64."""
+    kvh = keys.shape[0]
+    g = q.shape[1] // kvh
+    for start in range(0, q.shape[0], ROWS):
+        blk = q[start : start + ROWS].double().unflatten(1, (kvh, g)).movedim(0, 1).flatten(1, 2)  # (KVH, r g, hd)
+        yield slice(start, start + ROWS), ((blk @ keys.double().transpose(-1, -2)) * scaling).softmax(-1)
+
+
+def _per_kv(share: Tensor, rows: slice, kvh: int) -> Tensor:
+    return share[rows].double().unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, r g)
+
+
+def fit_slots(
+    q: Tensor, share: Tensor, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0
+) -> tuple[Tensor, Slots]:
+    """Pick and fit ``m`` slots per key/value head from the prefix's ``keys`` and ``values`` (KVH, L, hd).
+
+    ``q`` (R, H, hd): the query rows the slots will serve; ``share`` (R, H): the prefix's share of each
+    row's mass. Slots are the tokens with the most mass (weighted by share); then their log-multiplicities
+    ``b`` make them carry the prefix's mass (sum_j e^b_j p_rj ~ 1 over the rows) and their values its mean
+    value, both by weighted ridge least squares shrunk toward the plain selection (``b = 0``, the tokens' own
+    values), ``ridge`` relative to the Gram matrix's mean diagonal. ``first``: the position of the first key.
+    Returns the indices (KVH, m) and slots.
+    """
+    kvh = keys.shape[0]
+    mass = sum((p * _per_kv(share, rows, kvh)[..., None]).sum(1) for rows, p in _probs(q, keys, scaling))
+    idx = mass.topk(min(m, keys.shape[1]), -1).indices.sort(-1).values
+    at = (idx + first).to(keys.dtype)
+    if idx.shape[1] == keys.shape[1]:  # every token kept: the prefix itself, nothing to fit
+        return idx, Slots(keys, values, None, at)
+    eye = torch.eye(idx.shape[1], dtype=torch.float64)
+
+    def solve(stats: list[tuple[Tensor, Tensor]], prior: Tensor) -> Tensor:
+        g, h = (sum(t) for t in zip(*stats, strict=True))
+        lam = ridge * torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        return torch.linalg.solve(g + lam * eye, h + lam * prior)
+
+    def sweep(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor]) -> list:
+        out = []
+        for rows, p in _probs(q, keys, scaling):
+            w = _per_kv(share, rows, kvh).sqrt()[..., None]
+            x = features(p.gather(2, idx[:, None, :].expand(-1, p.shape[1], -1))) * w
+            out.append((x.transpose(-1, -2) @ x, x.transpose(-1, -2) @ (target(p) * w)))
+        return out
+
+    ones = torch.ones(kvh, idx.shape[1], 1, dtype=torch.float64)
+    c = solve(sweep(lambda ps: ps, lambda p: torch.ones_like(p[..., :1])), ones)[..., 0].clamp_min(1e-3)
+
+    def normalised(ps: Tensor) -> Tensor:
+        w = ps * c[:, None, :]
+        return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    v = solve(sweep(normalised, lambda p: p @ values.double()), gather(values.double(), idx))
+    return idx, Slots(gather(keys, idx), v.to(values.dtype), c.log().to(values.dtype), at)
+
+
+def gather(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` (KVH, m) of ``t`` (KVH, L, hd)."""
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
