@@ -82,6 +82,13 @@ Strength = Annotated[float | None, typer.Option(help="Global strength alpha of e
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
 Skip = Annotated[int | None, typer.Option(help="Leading tokens left unpatched (default: those both runs share).")]
+Kv = Annotated[
+    float | None,
+    typer.Option(
+        help="Virtual key/value slots per block: this share of the prompt's tokens, compressed (0: none; 1: the "
+        "prompt's own keys and values, exact). In memory only."
+    ),
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model folder to run its own Python code (off by default).")
 ]
@@ -356,6 +363,7 @@ def condense(
     layers: Layers = None,
     construction: Construction = None,
     skip: Skip = None,
+    kv: Kv = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     device_map: DeviceMap = None,
@@ -375,6 +383,7 @@ def condense(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
+        kv=kv,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
     lm = _load(
@@ -417,6 +426,7 @@ def transmute(
     strength: Strength = None,
     layers: Layers = None,
     skip: Skip = None,
+    kv: Kv = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: StorePrompt = True,
@@ -442,6 +452,7 @@ def transmute(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
+        kv=kv,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")
