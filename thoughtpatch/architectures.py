@@ -71,12 +71,21 @@ class Architecture:
     )
     mlp_bias_flag: str | None = None
     mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    residual_scale: str | None = None  # config key of a factor on both branches before they join the residual
     config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
     tuple_output: bool = False  # blocks return (hidden, ...) and the decoder takes [0]
     note: str = ""  # what else sets the family apart (shown in docs/coverage.md)
 
     def matches(self, config) -> bool:
         return config.model_type in self.model_types and all(getattr(config, k, v) == v for k, v in self.when)
+
+    def branch_scale(self, config) -> float:
+        """The factor on each branch before it joins the residual (a config object or config.json's dict)."""
+        if self.residual_scale is None:
+            return 1.0
+        return float(
+            config.get(self.residual_scale, 1.0) if isinstance(config, dict) else getattr(config, self.residual_scale)
+        )
 
     @property
     def branch(self) -> str:
@@ -138,7 +147,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_bias_flag=None,
         note="q/k norms",
     ),
-    Architecture("granite", ("granite",), note="residual, attention, embedding and logit multipliers"),
+    Architecture(
+        "granite",
+        ("granite",),
+        residual_scale="residual_multiplier",
+        attn_bias_flag="attention_bias",
+        mlp_bias_flag="mlp_bias",
+        note="residual, attention, embedding and logit multipliers",
+    ),
     Architecture("smollm3", ("smollm3",), mlp_bias_flag=None, note="no rotary embedding on some layers"),
     Architecture(
         "stablelm",

@@ -6,7 +6,8 @@ Every bakeable part folds exactly into standard weights. Per block, with ``W`` i
 * attention map ``D`` (per head) and its constant ``b`` at the input of ``o_proj``: ``W_o <- W_o (I + D)``,
   ``c_o <- c_o + W_o b``;
 * thought vector ``v``: ``attn_out`` adds to ``c_o`` (where no norm follows the attention), ``skip`` to the
-  down projection's bias (where no norm follows the MLP);
+  down projection's bias (where no norm follows the MLP), divided by the family's branch scale (Granite's
+  ``residual_multiplier``) where the branch is scaled before it joins the residual;
 * thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)``.
 
 Patches installed together run in order (the first patch's hook first), so they fold last to first:
@@ -95,6 +96,7 @@ class BakePlan:
     heads: int = 1
     head_dim: int = 1
     transposed: bool = False
+    branch_scale: float = 1.0  # vectors baked into a branch's bias are divided by it
     device: str = "cpu"
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -133,6 +135,7 @@ def plan_bake(
         heads=heads,
         head_dim=head_dim,
         transposed=arch.transposed,
+        branch_scale=arch.branch_scale(config),
         device=device,
     )
     plan.layers = {i: v for i, v in plan.layers.items() if v}
@@ -212,10 +215,10 @@ def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str],
             if lp.attn_bias is not None:
                 x = x + w_o @ lp.attn_bias.to(x)
             if lp.vector is not None and placement == "attn_out":
-                x = x + lp.vector.to(x)
+                x = x + lp.vector.to(x) / plan.branch_scale
             w_o = w_o + _times_map(w_o, lp.attn_weight, plan.heads, plan.head_dim)
         elif kind == "down.bias" and lp.vector is not None and placement == "skip":
-            x = x + lp.vector.to(x)
+            x = x + lp.vector.to(x) / plan.branch_scale
     return (x.T if flip else x).to(device="cpu", dtype=tensor.dtype).contiguous()
 
 

@@ -61,6 +61,7 @@ class Block:
     router: nn.Module | None
     transposed: bool
     parallel: bool
+    branch_scale: float = 1.0  # the factor on the attention and MLP outputs before they join the residual
 
     def norm2(self, r: Tensor) -> Tensor:
         """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
@@ -103,6 +104,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             _find(layer, arch.router),
             arch.transposed,
             arch.block == "parallel",
+            arch.branch_scale(model.config),
         )
         for i, layer in enumerate(layers)
     ]

@@ -13,7 +13,7 @@ from tiny import FAMILIES, QUERIES, SPECS, config
 from thoughtpatch import ARCHITECTURES, align, architecture_for, check, extract, load_model, teacher_answers
 from thoughtpatch.apply import installed
 from thoughtpatch.condense import condense
-from thoughtpatch.engine import blocks
+from thoughtpatch.engine import blocks, hooks, mid_taps
 from thoughtpatch.errors import UsageError
 from thoughtpatch.patch import LayerPatch, Patch
 
@@ -70,6 +70,24 @@ def test_thought_matrix_acts_on_what_the_mlp_reads(tiny_dir, family):
         torch.testing.assert_close(x_base.reshape(-1, d), z)
     (o_patched, _), (o_base, _) = seen["attn"]
     assert torch.equal(o_patched, o_base)  # the attention (which may share the norm) is untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "granite", "gptj"])
+def test_attn_out_vector_moves_the_mid_residual_by_itself(tiny_dir, family):
+    """An ``attn_out`` vector ``v`` adds exactly ``v`` to the mid-residual, also where the family scales the
+    attention branch before it joins the residual (Granite's residual_multiplier)."""
+    lm = load_model(str(tiny_dir(family)), dtype="float64")
+    blk = blocks(lm.model, architecture_for(lm.model))[1]
+    v = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def mid(patches):
+        seen: dict = {}
+        with installed(lm.model, patches), hooks(mid_taps(blk, seen)):
+            lm.model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+        return seen["r"]
+
+    moved = mid([Patch({1: LayerPatch(vector=v)}, "attn_out", 0)]) - mid([])
+    torch.testing.assert_close(moved, v.expand_as(moved), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["gptj", "mixtral"])
