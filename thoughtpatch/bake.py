@@ -159,7 +159,7 @@ def plan_bake(
             {f"{arch.layers}.{i}.{out}.bias": ("o.bias" if group == "attn" else "down.bias", i) for i in need[group]}
         )
         if flag != "always" and not config.get(flag):
-            plan.flags.append(flag)
+            plan.flags += [flag] * (flag not in plan.flags)
             plan.new.update(
                 {
                     f"{arch.layers}.{i}.{m}.bias": f"{arch.layers}.{i}.{m}.weight"

@@ -19,7 +19,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from thoughtpatch.apply import installed
+from thoughtpatch.architectures import architecture_for
 from thoughtpatch.bake import bake_checkpoint, patch_record
+from thoughtpatch.condense import CondenseConfig, for_family
 from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
 from thoughtpatch.files import write_bytes
@@ -39,6 +41,18 @@ CAN = {
     "gemma3": {"attn_bias"},
     "gpt2": {"attn_bias", "skip", "attn_out"},
     "phi3": set(),
+    "olmo": {"attn_bias", "attn_out"},
+    "olmo2": {"attn_bias"},
+    "granite": {"attn_bias", "skip", "attn_out"},  # vectors divided by residual_multiplier
+    "smollm3": {"attn_bias", "skip", "attn_out"},
+    "stablelm": set(),
+    "gpt_neox_sequential": {"attn_bias", "skip", "attn_out"},
+    "gpt_neox": {"attn_bias", "skip", "attn_out"},
+    "gptj": {"skip"},
+    "phi": {"attn_bias", "skip", "attn_out"},
+    "falcon": {"attn_bias", "skip", "attn_out"},  # one flag turns on all four biases
+    "cohere": {"attn_bias", "attn_out"},
+    "stablelm_parallel": set(),
 }
 H, HD, D, L = 4, 8, 32, 3
 IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
@@ -114,7 +128,15 @@ def test_baked_checkpoint_equals_in_memory(family, tiny_dir, tmp_path):
     assert base.state_dict().keys() <= AutoModelForCausalLM.from_pretrained(out).state_dict().keys()
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", list(CAN))
+def test_bakeable_preset_keeps_what_the_family_bakes(family):
+    arch = architecture_for(tiny.config(family))
+    for placement in ("skip", "attn_out"):
+        cfg = for_family(CondenseConfig(bakeable=True, placement=placement), arch)
+        assert cfg.vector == (placement in CAN[family]) and cfg.attn_bias == ("attn_bias" in CAN[family])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "olmo2", "gptj", "stablelm"])
 def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
     refused = [make_patch(3, {"attn", "vector"}, p) for p in ("skip", "attn_out") if p not in CAN[family]] + [
