@@ -71,6 +71,9 @@ class Architecture:
     )
     mlp_bias_flag: str | None = None
     mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    # checkpoint tensors (globs relative to the block) that read z, where they are not the weights of mlp_inputs:
+    # mixtures of experts store each expert's matrices apart, under names of their own
+    mlp_input_tensors: tuple[str, ...] = ()
     residual_scale: str | None = None  # config key of a factor on both branches before they join the residual
     config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
     tuple_output: bool = False  # blocks return (hidden, ...) and the decoder takes [0]
@@ -107,7 +110,9 @@ _SANDWICH = dict(
 )
 
 _PARALLEL = dict(block="parallel")
-_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate")
+_EXPERT_INPUTS = ("mlp.gate.weight", "mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight")
+_DENSE_INPUTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight")  # dense blocks mixed in (mlp_only_layers)
+_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate", mlp_input_tensors=_EXPERT_INPUTS)
 _ATTN_BIAS = dict(attn_bias_flag="attention_bias")
 _NEOX = dict(
     decoder="gpt_neox",
@@ -252,14 +257,45 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         **_PARALLEL,
     ),
     # mixtures of experts: the router and every expert read z
-    Architecture("mixtral", ("mixtral",), **_MOE),
+    Architecture(
+        "mixtral",
+        ("mixtral",),
+        **(
+            _MOE
+            | dict(
+                mlp_input_tensors=(
+                    "block_sparse_moe.gate.weight",
+                    "block_sparse_moe.experts.*.w1.weight",
+                    "block_sparse_moe.experts.*.w3.weight",
+                )
+            )
+        ),
+    ),
     Architecture("olmoe", ("olmoe",), note="q/k norms", **_MOE, **_ATTN_BIAS),
-    Architecture("qwen3_moe", ("qwen3_moe",), note="q/k norms", **_MOE, **_ATTN_BIAS),
+    Architecture(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        note="q/k norms",
+        **(_MOE | dict(mlp_input_tensors=_EXPERT_INPUTS + _DENSE_INPUTS)),
+        **_ATTN_BIAS,
+    ),
     Architecture(
         "qwen2_moe",
         ("qwen2_moe",),
         note="routed experts plus a gated shared expert",
-        **(_MOE | dict(mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"))),
+        **(
+            _MOE
+            | dict(
+                mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"),
+                mlp_input_tensors=_EXPERT_INPUTS
+                + _DENSE_INPUTS
+                + (
+                    "mlp.shared_expert.gate_proj.weight",
+                    "mlp.shared_expert.up_proj.weight",
+                    "mlp.shared_expert_gate.weight",
+                ),
+            )
+        ),
     ),
 )
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from thoughtpatch.apply import installed
 from thoughtpatch.architectures import architecture_for
-from thoughtpatch.bake import bake_checkpoint, patch_record
+from thoughtpatch.bake import bake_checkpoint, patch_record, plan_bake
 from thoughtpatch.condense import CondenseConfig, for_family
 from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
@@ -53,6 +53,11 @@ CAN = {
     "falcon": {"attn_bias", "skip", "attn_out"},  # one flag turns on all four biases
     "cohere": {"attn_bias", "attn_out"},
     "stablelm_parallel": set(),
+    # mixtures of experts: the matrix bakes into the router and every expert's (and shared expert's) inputs
+    "mixtral": set(),
+    "olmoe": {"attn_bias", "attn_out"},
+    "qwen3_moe": {"attn_bias", "attn_out"},
+    "qwen2_moe": set(),
 }
 H, HD, D, L = 4, 8, 32, 3
 IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
@@ -136,7 +141,7 @@ def test_bakeable_preset_keeps_what_the_family_bakes(family):
         assert cfg.vector == (placement in CAN[family]) and cfg.attn_bias == ("attn_bias" in CAN[family])
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "olmo2", "gptj", "stablelm"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "olmo2", "gptj", "stablelm", "mixtral"])
 def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
     refused = [make_patch(3, {"attn", "vector"}, p) for p in ("skip", "attn_out") if p not in CAN[family]] + [
@@ -147,6 +152,18 @@ def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
         with pytest.raises(UsageError, match="cannot be baked exactly.*in memory.*export"):
             bake_checkpoint(src, tmp_path / "out", [p], records([p]))
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
+
+
+def test_matrix_bakes_into_every_expert_and_refuses_fused_experts(tiny_dir, tmp_path):
+    """Mixtral stores its experts one by one: the router and both input projections of every expert change."""
+    patch = make_patch(5, {"matrix"})
+    summary = bake_checkpoint(tiny_dir("mixtral"), tmp_path / "out", [patch], records([patch]))
+    assert summary["tensors_changed"] == L * (1 + 2 * tiny.SPECS["mixtral"][1]["num_local_experts"])
+    config = tiny.config("olmoe").to_dict()  # experts fused in one (experts, 2 * inner, hidden) tensor
+    block = "model.layers.0.mlp."
+    headers = {block + "gate.weight": {"shape": [4, D]}, block + "experts.gate_up_proj": {"shape": [4, 32, D]}}
+    with pytest.raises(UsageError, match="holds several experts.*in memory"):
+        plan_bake([patch], architecture_for(tiny.config("olmoe")), config, headers=headers)
 
 
 def test_in_memory_only_parts_and_skipped_tokens_are_refused(tiny_dir, tmp_path):
