@@ -164,7 +164,9 @@ def plan_bake(
         if flag is None:
             part = "attention output bias or attn_out vector" if group == "attn" else "thought vector (skip)"
             i = min(need[group])
-            raise _refuse(need[group][i], i, part, f"{arch.name} models have no bias on {out or 'the output of their experts'}")
+            raise _refuse(
+                need[group][i], i, part, f"{arch.name} models have no bias on {out or 'the output of their experts'}"
+            )
         plan.roles.update(
             {f"{arch.layers}.{i}.{out}.bias": ("o.bias" if group == "attn" else "down.bias", i) for i in need[group]}
         )

@@ -501,8 +501,9 @@ def condense(
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
-    cfg = for_family(cfg, architecture_for(model))
-    blks = blocks(model, architecture_for(model))
+    arch = architecture_for(model)
+    cfg = for_family(cfg, arch)
+    blks = blocks(model, arch)
     heads, head_dim = head_shape(model)
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
