@@ -69,6 +69,9 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
     "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix"}, "skip", True),
     "gemma2": ("gemma2", {"attn", "attn_bias", "matrix"}, "skip", False),  # no o_proj bias to merge into
     "phi3": ("phi3", {"attn", "matrix"}, "skip", True),  # no biases needed
+    # vectors on branches that residual_multiplier scales
+    "granite-attn_out": ("granite", {"attn", "attn_bias", "vector", "matrix"}, "attn_out", False),
+    "granite-skip": ("granite", {"vector"}, "skip", False),
 }
 
 
