@@ -33,7 +33,8 @@ from thoughtpatch import (  # noqa: E402
     load_prompt,
     teacher_answers,
 )
-from thoughtpatch.architectures import architecture_for  # noqa: E402
+from thoughtpatch.architectures import Architecture, architecture_for  # noqa: E402
+from thoughtpatch.condense import CondenseConfig, for_family  # noqa: E402
 from thoughtpatch.engine import blocks  # noqa: E402
 
 REAL = ("smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct")  # models.WHEEL_MODELS
@@ -52,6 +53,13 @@ def norms(model: torch.nn.Module) -> str:
     if arch.post_attn_norm:
         names.append("P1, P2")
     return f"{', '.join(names)}: {_kind(blk.input_norm or blk.branch)}"
+
+
+def bakes(arch: Architecture) -> str:
+    """What ``transmute --mode bakeable`` keeps on this family, so what ``apply --save`` folds into its weights."""
+    cfg = {p: for_family(CondenseConfig(bakeable=True, placement=p), arch) for p in ("skip", "attn_out")}
+    parts = ["head maps", "matrix"] + ["head-map constant"] * cfg["skip"].attn_bias
+    return ", ".join(parts + [f"vector ({p})" for p, c in cfg.items() if c.vector])
 
 
 def identity(model: torch.nn.Module, tokenizer, prompts, queries, answer_tokens: int, batch_size: int) -> float:
@@ -101,11 +109,13 @@ def table(doc: dict) -> str:
         "`thoughtpatch/architectures.py`. *Max logit error*: the exact token-dependent updates installed in the",
         "prompt-free pico model (tests/tiny.py, random weights, float64, 2 prompts x 5 queries with 3 teacher-forced",
         "answer tokens) against prompting; the unit tests hold every family to <= 1e-9. *Real model*: a packaged",
-        "model of that family, full depth, float32, `extract --check` error on 8 probes (`--real`).",
+        "model of that family, full depth, float32, `extract --check` error on 8 probes (`--real`). *Bakes*: what",
+        "`transmute --mode bakeable` keeps on the family, which `apply --save` folds exactly into its weights.",
         "How to add a family: [architectures.md](architectures.md).",
         "",
-        "| family | model type (config) | block form | norms | modules that read z | max logit error | tested with |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model type (config) | block form | norms | modules that read z | bakes | max logit error "
+        "| tested with |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arch in ARCHITECTURES:
         row = doc["pico"][arch.name]
@@ -116,7 +126,8 @@ def table(doc: dict) -> str:
         tested = "; ".join([f"tiny ({row['pico_model']})", *real_of.get(arch.name, [])])
         inputs = ", ".join(f"`{p}`" for p in arch.mlp_inputs)
         lines.append(
-            f"| `{arch.name}` | {types} | {form} | {row['norms']}{note} | {inputs} | {row['pico_error']:.1e} | {tested} |"
+            f"| `{arch.name}` | {types} | {form} | {row['norms']}{note} | {inputs} | {bakes(arch)} "
+            f"| {row['pico_error']:.1e} | {tested} |"
         )
     if doc["real"]:
         lines += [

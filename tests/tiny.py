@@ -130,3 +130,52 @@ def build(family: str, folder: Path, seed: int = 0, tok=None) -> Path:
     model.save_pretrained(folder)
     (tok or tokenizer()).save_pretrained(folder)
     return folder
+
+
+SHAPE = (3, 32, 4, 8)  # every pico model's blocks, hidden size, heads, head size
+PART_SCALES = {"attn": 0.15, "scalar": 0.3, "attn_bias": 0.5, "vector": 0.5, "matrix": 0.3, "query": 0.1, "gate": 0.1}
+
+
+def random_patch(
+    parts: set[str],
+    placement: str = "skip",
+    *,
+    seed: int = 0,
+    skip: int = 0,
+    rank: int = 2,
+    scale: float | None = None,
+    shape: tuple[int, int, int, int] = SHAPE,
+    dtype: torch.dtype = torch.float32,
+    meta: dict[str, str] | None = None,
+):
+    """A patch with random values in the named parts at every block: ``attn`` (per-head maps) or ``scalar``
+    (per-head scales), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``.
+
+    Each part has its own size (``scale``: one for all); ``meta`` adds to a base model and a prompt hash.
+    """
+    from thoughtpatch.patch import LayerPatch, Patch
+
+    n_layers, d, heads, head_dim = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def r(part, *size):
+        return torch.randn(*size, generator=g, dtype=dtype) * (scale or PART_SCALES[part])
+
+    def one() -> LayerPatch:
+        lp = LayerPatch()
+        if "attn" in parts or "scalar" in parts:
+            lp.attn_weight = r("scalar", heads) if "scalar" in parts else r("attn", heads, head_dim, head_dim)
+        if "attn_bias" in parts:
+            lp.attn_bias = r("attn_bias", heads * head_dim)
+        if "vector" in parts:
+            lp.vector = r("vector", d)
+        if "matrix" in parts:  # M = B A^T of about the same size whatever the rank
+            lp.matrix_a, lp.matrix_b = r("matrix", d, rank) / (1 if scale else rank**0.5), r("matrix", d, rank)
+        if "query" in parts:
+            lp.attn_query = r("query", heads * head_dim, d)
+        if "gate" in parts:
+            lp.attn_gate = r("gate", heads, d + 1)
+        return lp
+
+    meta = {"base_model": "tiny", "prompt_sha256": f"{seed:064d}"} | (meta or {})
+    return Patch({i: one() for i in range(n_layers)}, placement, skip, meta)

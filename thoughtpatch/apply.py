@@ -123,13 +123,15 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
 
         specs.append((blk.attn_out, "pre", attn))
     if lp.vector is not None:
+        site = blk.layer if placement == "skip" else blk.branch
+        vector = lp.vector if placement == "skip" else lp.vector / blk.branch_scale  # the branch is scaled after
 
         def add_vector(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            h = h + pos.gate(lp.vector.to(h.dtype).expand_as(h))
+            h = h + pos.gate(vector.to(h.dtype).expand_as(h))
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
-        specs.append((blk.layer if placement == "skip" else blk.branch, "fwd", add_vector))
+        specs.append((site, "fwd", add_vector))
     if lp.matrix_a is not None:
 
         def matrix(module, args):  # z -> (I + M) z before every module that reads z (experts and router too)

@@ -59,9 +59,9 @@ class Architecture:
     post_mlp_norm: str | None = None
     transposed: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
     # Biases a baked patch may need (``o_proj`` for the attention map's constant part and ``attn_out`` vectors,
-    # the down projection for ``skip`` vectors): a config flag that gives every module of its group a bias,
-    # "always" where the modules always have one, or None where the family has no bias there (the default, so a
-    # new family bakes biases only once its declaration says how).
+    # the down projection for ``skip`` vectors): a config flag that gives every module of ``*_bias_modules`` a
+    # bias, "always" where the modules always have one, or None where the family has no bias there (the default,
+    # so a new family bakes biases only once its declaration says how).
     attn_bias_flag: str | None = None
     attn_bias_modules: tuple[str, ...] = (
         "self_attn.q_proj",
@@ -71,12 +71,24 @@ class Architecture:
     )
     mlp_bias_flag: str | None = None
     mlp_bias_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    # checkpoint tensors (globs relative to the block) that read z, where they are not the weights of mlp_inputs:
+    # mixtures of experts store each expert's matrices apart, under names of their own
+    mlp_input_tensors: tuple[str, ...] = ()
+    residual_scale: str | None = None  # config key of a factor on both branches before they join the residual
     config_names: tuple[tuple[str, str], ...] = ()  # (standard name, this family's config.json key) where they differ
     tuple_output: bool = False  # blocks return (hidden, ...) and the decoder takes [0]
     note: str = ""  # what else sets the family apart (shown in docs/coverage.md)
 
     def matches(self, config) -> bool:
         return config.model_type in self.model_types and all(getattr(config, k, v) == v for k, v in self.when)
+
+    def branch_scale(self, config) -> float:
+        """The factor on each branch before it joins the residual (a config object or config.json's dict)."""
+        if self.residual_scale is None:
+            return 1.0
+        return float(
+            config.get(self.residual_scale, 1.0) if isinstance(config, dict) else getattr(config, self.residual_scale)
+        )
 
     @property
     def branch(self) -> str:
@@ -86,7 +98,7 @@ class Architecture:
     @property
     def vector_bakes(self) -> bool:
         """True where a vector on the residual after the MLP equals a down-projection bias."""
-        return self.post_mlp_norm is None and self.block != "parallel" and self.mlp_out is not None
+        return self.post_mlp_norm is None and self.mlp_out is not None
 
 
 _SANDWICH = dict(
@@ -97,8 +109,24 @@ _SANDWICH = dict(
     attn_bias_flag="attention_bias",
 )
 
-_PARALLEL = dict(block="parallel", mlp_bias_flag=None)
-_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate", mlp_bias_flag=None)
+_PARALLEL = dict(block="parallel")
+_EXPERT_INPUTS = ("mlp.gate.weight", "mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight")
+_DENSE_INPUTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight")  # dense blocks mixed in (mlp_only_layers)
+_MOE = dict(mlp_inputs=("mlp.gate", "mlp.experts"), mlp_out=None, router="mlp.gate", mlp_input_tensors=_EXPERT_INPUTS)
+_ATTN_BIAS = dict(attn_bias_flag="attention_bias")
+_NEOX = dict(
+    decoder="gpt_neox",
+    layers="gpt_neox.layers",
+    attention="attention",
+    attn_out="attention.dense",
+    mlp_inputs=("mlp.dense_h_to_4h",),
+    mlp_out="mlp.dense_4h_to_h",
+    attn_bias_modules=("attention.query_key_value", "attention.dense"),
+    mlp_bias_flag="always",
+    **_ATTN_BIAS,
+)
+_GPT2_NAMES = (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"))
+_FALCON_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama",), attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
@@ -123,10 +151,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         transposed=True,
         attn_bias_flag="always",
         mlp_bias_flag="always",
-        config_names=(("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head")),
+        config_names=_GPT2_NAMES,
     ),
     # dense pre-norm families
-    Architecture("olmo", ("olmo",), note="LayerNorm without weights"),
+    Architecture("olmo", ("olmo",), note="LayerNorm without weights", **_ATTN_BIAS),
     Architecture(
         "olmo2",
         ("olmo2",),
@@ -135,42 +163,34 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         post_attn_norm="post_attention_layernorm",
         mlp_norm=None,
         post_mlp_norm="post_feedforward_layernorm",
-        mlp_bias_flag=None,
         note="q/k norms",
+        **_ATTN_BIAS,
     ),
-    Architecture("granite", ("granite",), note="residual, attention, embedding and logit multipliers"),
-    Architecture("smollm3", ("smollm3",), mlp_bias_flag=None, note="no rotary embedding on some layers"),
+    Architecture(
+        "granite",
+        ("granite",),
+        residual_scale="residual_multiplier",
+        attn_bias_flag="attention_bias",
+        mlp_bias_flag="mlp_bias",
+        note="residual, attention, embedding and logit multipliers",
+    ),
+    Architecture(
+        "smollm3", ("smollm3",), mlp_bias_flag="mlp_bias", note="no rotary embedding on some layers", **_ATTN_BIAS
+    ),
     Architecture(
         "stablelm",
         ("stablelm",),
         when=(("use_parallel_residual", False),),
-        mlp_bias_flag=None,
-        note="LayerNorm, partial rotary",
+        note="LayerNorm, partial rotary",  # o_proj and the MLP never have biases
     ),
-    Architecture(
-        "gpt_neox_sequential",
-        ("gpt_neox",),
-        when=(("use_parallel_residual", False),),
-        decoder="gpt_neox",
-        layers="gpt_neox.layers",
-        attention="attention",
-        attn_out="attention.dense",
-        mlp_inputs=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
-        mlp_bias_flag=None,
-    ),
+    Architecture("gpt_neox_sequential", ("gpt_neox",), when=(("use_parallel_residual", False),), **_NEOX),
     # parallel blocks: attention and MLP read the same block input
     Architecture(
         "gpt_neox",
         ("gpt_neox",),
         when=(("use_parallel_residual", True),),
-        decoder="gpt_neox",
-        layers="gpt_neox.layers",
-        attention="attention",
-        attn_out="attention.dense",
-        mlp_inputs=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
         note="two norms: N2 reads h",
+        **_NEOX,
         **_PARALLEL,
     ),
     Architecture(
@@ -184,6 +204,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_norm="ln_1",
         mlp_inputs=("mlp.fc_in",),
         mlp_out="mlp.fc_out",
+        mlp_bias_flag="always",  # out_proj never has a bias
+        config_names=_GPT2_NAMES,
         note="one shared norm",
         **_PARALLEL,
     ),
@@ -194,6 +216,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_norm="input_layernorm",
         mlp_inputs=("mlp.fc1",),
         mlp_out="mlp.fc2",
+        attn_bias_flag="always",
+        mlp_bias_flag="always",
         note="one shared norm, partial rotary",
         **_PARALLEL,
     ),
@@ -209,6 +233,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_inputs=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         tuple_output=True,
+        attn_bias_flag="bias",  # one flag for all four linear maps
+        attn_bias_modules=_FALCON_LINEARS,
+        mlp_bias_flag="bias",
+        mlp_bias_modules=_FALCON_LINEARS,
         note="one shared norm",
         **_PARALLEL,
     ),
@@ -217,6 +245,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ("cohere",),
         mlp_norm="input_layernorm",
         note="one shared norm, logit scale",
+        **_ATTN_BIAS,
         **_PARALLEL,
     ),
     Architecture(
@@ -228,14 +257,45 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         **_PARALLEL,
     ),
     # mixtures of experts: the router and every expert read z
-    Architecture("mixtral", ("mixtral",), **_MOE),
-    Architecture("olmoe", ("olmoe",), note="q/k norms", **_MOE),
-    Architecture("qwen3_moe", ("qwen3_moe",), note="q/k norms", **_MOE),
+    Architecture(
+        "mixtral",
+        ("mixtral",),
+        **(
+            _MOE
+            | dict(
+                mlp_input_tensors=(
+                    "block_sparse_moe.gate.weight",
+                    "block_sparse_moe.experts.*.w1.weight",
+                    "block_sparse_moe.experts.*.w3.weight",
+                )
+            )
+        ),
+    ),
+    Architecture("olmoe", ("olmoe",), note="q/k norms", **_MOE, **_ATTN_BIAS),
+    Architecture(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        note="q/k norms",
+        **(_MOE | dict(mlp_input_tensors=_EXPERT_INPUTS + _DENSE_INPUTS)),
+        **_ATTN_BIAS,
+    ),
     Architecture(
         "qwen2_moe",
         ("qwen2_moe",),
         note="routed experts plus a gated shared expert",
-        **(_MOE | dict(mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"))),
+        **(
+            _MOE
+            | dict(
+                mlp_inputs=("mlp.gate", "mlp.experts", "mlp.shared_expert", "mlp.shared_expert_gate"),
+                mlp_input_tensors=_EXPERT_INPUTS
+                + _DENSE_INPUTS
+                + (
+                    "mlp.shared_expert.gate_proj.weight",
+                    "mlp.shared_expert.up_proj.weight",
+                    "mlp.shared_expert_gate.weight",
+                ),
+            )
+        ),
     ),
 )
 

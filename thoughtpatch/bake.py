@@ -6,8 +6,10 @@ Every bakeable part folds exactly into standard weights. Per block, with ``W`` i
 * attention map ``D`` (per head) and its constant ``b`` at the input of ``o_proj``: ``W_o <- W_o (I + D)``,
   ``c_o <- c_o + W_o b``;
 * thought vector ``v``: ``attn_out`` adds to ``c_o`` (where no norm follows the attention), ``skip`` to the
-  down projection's bias (where no norm follows the MLP);
-* thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)``.
+  down projection's bias (where no norm follows the MLP), divided by the family's branch scale (Granite's
+  ``residual_multiplier``) where the branch is scaled before it joins the residual;
+* thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)`` (in a mixture of experts: the router, every
+  expert's input projections and any shared expert with its gate, as the checkpoint stores them).
 
 Patches installed together run in order (the first patch's hook first), so they fold last to first:
 the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float32 (float64 for float64
@@ -24,6 +26,7 @@ renamed at the end, so an error or a signal leaves no partial output.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -95,6 +98,7 @@ class BakePlan:
     heads: int = 1
     head_dim: int = 1
     transposed: bool = False
+    branch_scale: float = 1.0  # vectors baked into a branch's bias are divided by it
     device: str = "cpu"
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -104,9 +108,17 @@ def _refuse(what: str, i: int, part: str, why: str) -> UsageError:
 
 
 def plan_bake(
-    patches: list[Patch], arch: Architecture, config: dict, device: str = "cpu", names: list[str] | None = None
+    patches: list[Patch],
+    arch: Architecture,
+    config: dict,
+    device: str = "cpu",
+    names: list[str] | None = None,
+    headers: dict[str, dict] | None = None,
 ) -> BakePlan:
-    """Check that every patch bakes exactly into this family's weights and say which tensors change."""
+    """Check that every patch bakes exactly into this family's weights and say which tensors change.
+
+    ``headers`` (the checkpoint's tensor headers) name the tensors that read ``z`` where the family declares
+    them by pattern (mixtures of experts store each expert's matrices apart)."""
     hidden, n_layers, heads, head_dim = config_sizes(config, arch)
     names = names or [f"patch {k + 1}" for k in range(len(patches))]
     need: dict[str, dict[int, str]] = {"attn": {}, "mlp": {}}  # biases needed: block -> the patch needing it
@@ -133,6 +145,7 @@ def plan_bake(
         heads=heads,
         head_dim=head_dim,
         transposed=arch.transposed,
+        branch_scale=arch.branch_scale(config),
         device=device,
     )
     plan.layers = {i: v for i, v in plan.layers.items() if v}
@@ -141,7 +154,7 @@ def plan_bake(
         if any(lp.attn_weight is not None for lp, _ in parts):
             plan.roles[pre + arch.attn_out + ".weight"] = ("o.weight", i)
         if any(lp.matrix_a is not None for lp, _ in parts):
-            plan.roles.update({pre + m + ".weight": ("mlp_in.weight", i) for m in arch.mlp_inputs})
+            plan.roles.update(dict.fromkeys(_mlp_input_tensors(arch, pre, headers or {}), ("mlp_in.weight", i)))
     for group, flag, modules, out in (
         ("attn", arch.attn_bias_flag, arch.attn_bias_modules, arch.attn_out),
         ("mlp", arch.mlp_bias_flag, arch.mlp_bias_modules, arch.mlp_out),
@@ -151,12 +164,14 @@ def plan_bake(
         if flag is None:
             part = "attention output bias or attn_out vector" if group == "attn" else "thought vector (skip)"
             i = min(need[group])
-            raise _refuse(need[group][i], i, part, f"{arch.name} models have no bias on {out}")
+            raise _refuse(
+                need[group][i], i, part, f"{arch.name} models have no bias on {out or 'the output of their experts'}"
+            )
         plan.roles.update(
             {f"{arch.layers}.{i}.{out}.bias": ("o.bias" if group == "attn" else "down.bias", i) for i in need[group]}
         )
         if flag != "always" and not config.get(flag):
-            plan.flags.append(flag)
+            plan.flags += [flag] * (flag not in plan.flags)
             plan.new.update(
                 {
                     f"{arch.layers}.{i}.{m}.bias": f"{arch.layers}.{i}.{m}.weight"
@@ -165,6 +180,22 @@ def plan_bake(
                 }
             )
     return plan
+
+
+def _mlp_input_tensors(arch: Architecture, pre: str, headers: dict[str, dict]) -> list[str]:
+    """The checkpoint tensors of the block ``pre`` whose matrices read ``z``."""
+    if not arch.mlp_input_tensors:
+        return [pre + m + ".weight" for m in arch.mlp_inputs]
+    mine = {k[len(pre) :]: h for k, h in headers.items() if k.startswith(pre)}
+    fused = sorted(k for k, h in mine.items() if len(h["shape"]) > 2)
+    found = [pre + k for k in mine if any(fnmatch.fnmatchcase(k, g) for g in arch.mlp_input_tensors)]
+    if fused or not found:
+        why = f"its tensor {pre + fused[0]!r} holds several experts" if fused else "no tensor there reads z"
+        raise UsageError(
+            f"{arch.name} checkpoint: cannot bake the thought matrix of block {pre.rstrip('.')} ({why}; known "
+            f"layouts: {', '.join(arch.mlp_input_tensors)}); {ALTERNATIVES}"
+        )
+    return found
 
 
 def _times_map(w: Tensor, a: Tensor | None, heads: int, head_dim: int) -> Tensor:
@@ -212,10 +243,10 @@ def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str],
             if lp.attn_bias is not None:
                 x = x + w_o @ lp.attn_bias.to(x)
             if lp.vector is not None and placement == "attn_out":
-                x = x + lp.vector.to(x)
+                x = x + lp.vector.to(x) / plan.branch_scale
             w_o = w_o + _times_map(w_o, lp.attn_weight, plan.heads, plan.head_dim)
         elif kind == "down.bias" and lp.vector is not None and placement == "skip":
-            x = x + lp.vector.to(x)
+            x = x + lp.vector.to(x) / plan.branch_scale
     return (x.T if flip else x).to(device="cpu", dtype=tensor.dtype).contiguous()
 
 
@@ -422,7 +453,6 @@ def bake_checkpoint(
     _check_target(src, dst)
     config = _json(src / "config.json")
     arch = architecture_for(SimpleNamespace(**config))
-    plan = plan_bake(patches, arch, config, device, [r["file"] for r in records])
     shard_of = _shard_map(src)
     files = sorted(set(shard_of.values()))
     for f in files:
@@ -430,6 +460,7 @@ def bake_checkpoint(
             raise UsageError(f"{src}: shard {f!r} named in the index is missing")
     parsed = {f: _header(src / f) for f in files}
     headers = {k: v for f in files for k, v in parsed[f][0].items() if k != "__metadata__"}
+    plan = plan_bake(patches, arch, config, device, [r["file"] for r in records], headers)
     _check_shapes(plan, headers, config_sizes(config, arch)[0])
     with _signals_raise():
         tmp = Path(tempfile.mkdtemp(dir=dst.resolve().parent, prefix=f".{dst.name}.", suffix=".partial"))

@@ -39,7 +39,11 @@ __all__ = [
     "expand_cache",
     "prefix_view",
     "active_positions",
+    "eager_attention",
+    "exact_attention",
 ]
+
+EXACT_ATTENTION = "thoughtpatch_eager"
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Block:
     router: nn.Module | None
     transposed: bool
     parallel: bool
+    branch_scale: float = 1.0  # the factor on the attention and MLP outputs before they join the residual
 
     def norm2(self, r: Tensor) -> Tensor:
         """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
@@ -101,6 +106,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             _find(layer, arch.router),
             arch.transposed,
             arch.block == "parallel",
+            arch.branch_scale(model.config),
         )
         for i, layer in enumerate(layers)
     ]
@@ -300,6 +306,38 @@ def active_positions(attention_mask: Tensor | None, shape: tuple[int, int], past
     else:
         index = (attention_mask.long().cumsum(-1) - 1)[:, -t:]
     return index >= skip
+
+
+def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """transformers' eager attention with the softmax in the model's precision (float32 at least).
+
+    The library's eager path rounds the attention weights to float32 whatever the model's dtype, which
+    leaves a float64 model float32-accurate in attention, with a rounding that depends on the batch's padding.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    w = query @ key.transpose(2, 3) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = w.softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    w = nn.functional.dropout(w, p=dropout, training=module.training)
+    return (w @ value).transpose(1, 2).contiguous(), w
+
+
+def exact_attention(model: nn.Module) -> None:
+    """Run a float64 model that uses transformers' eager attention with :func:`eager_attention` instead."""
+    if model.dtype != torch.float64 or getattr(model.config, "_attn_implementation", None) != "eager":
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(EXACT_ATTENTION, eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EXACT_ATTENTION, eager_mask)
+    model.set_attn_implementation(EXACT_ATTENTION)
 
 
 def cache_kwarg(model: nn.Module) -> str:

@@ -124,9 +124,18 @@ def _compress(t: LoraTerm, k: int) -> LoraTerm:
 
 
 def lora_terms(
-    patch: Patch, arch: Architecture, weight: Callable[[str], Tensor], head_dim: int, target: str, rank: int | None
+    patch: Patch,
+    arch: Architecture,
+    weight: Callable[[str], Tensor],
+    head_dim: int,
+    target: str,
+    rank: int | None,
+    branch_scale: float = 1.0,
 ) -> list[LoraTerm]:
-    """The LoRA terms of an exportable patch; ``weight(module)`` gives a base weight as (out, in) float32."""
+    """The LoRA terms of an exportable patch; ``weight(module)`` gives a base weight as (out, in) float32.
+
+    Vectors become biases of a branch's last projection, divided by ``branch_scale`` (the factor on the branch
+    before it joins the residual)."""
     terms = []
     for i, lp in sorted(patch.layers.items()):
         pre = f"{arch.layers}.{i}."
@@ -141,14 +150,19 @@ def lora_terms(
             bias = None
             if const:  # o_proj(o + c) + v = W_o o + (W_o c + v)
                 c = lp.attn_bias.float() if lp.attn_bias is not None else torch.zeros(w_o.shape[1])
-                bias = w_o @ c + (lp.vector.float() if patch.placement == "attn_out" and lp.vector is not None else 0)
+                v = lp.vector.float() / branch_scale if patch.placement == "attn_out" and lp.vector is not None else 0
+                bias = w_o @ c + v
             terms.append(LoraTerm(pre + arch.attn_out, a, b, bias))
         if lp.matrix_a is not None:
             for m in arch.mlp_inputs:
                 terms.append(LoraTerm(pre + m, lp.matrix_a.float().T, weight(pre + m) @ lp.matrix_b.float()))
         if target == "peft" and lp.vector is not None and patch.placement == "skip":
             out, inner = weight(pre + arch.mlp_out).shape  # a bias alone: zero LoRA weights of rank 1
-            terms.append(LoraTerm(pre + arch.mlp_out, torch.zeros(1, inner), torch.zeros(out, 1), lp.vector.float()))
+            terms.append(
+                LoraTerm(
+                    pre + arch.mlp_out, torch.zeros(1, inner), torch.zeros(out, 1), lp.vector.float() / branch_scale
+                )
+            )
     return [_compress(t, rank) for t in terms] if rank else terms
 
 
@@ -305,7 +319,7 @@ def export_patch(
             progress(1)
         return w.T if arch.transposed else w
 
-    terms = lora_terms(patch, arch, weight, head_dim, target, rank)
+    terms = lora_terms(patch, arch, weight, head_dim, target, rank, arch.branch_scale(config))
     vectors = {}
     if target == "gguf":
         vectors = {i: lp.vector for i, lp in patch.layers.items() if lp.vector is not None}

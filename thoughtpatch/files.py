@@ -20,7 +20,16 @@ from safetensors.torch import load as st_load
 
 from .errors import UsageError
 
-__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors", "new_folder"]
+__all__ = [
+    "check_output",
+    "write_bytes",
+    "read_bytes",
+    "save_tensors",
+    "load_tensors",
+    "split_header",
+    "join_header",
+    "new_folder",
+]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
 
@@ -94,9 +103,30 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
+    return join_header(header, b"".join(blobs))
+
+
+def join_header(header: dict, body: bytes) -> bytes:
+    """Safetensors bytes: the JSON header (sorted keys, padded to 8 bytes) and the tensor bytes it describes."""
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def split_header(data: bytes, what: str) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header (not yet checked) and the bytes after it; a clear error if it has none."""
+    if len(data) < 8:
+        raise UsageError(f"{what}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise UsageError(f"{what}: not a safetensors file (header size {n} is out of bounds)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{what}: not a safetensors file (header is not an object)")
+    return header, data[8 + n :]
 
 
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
@@ -130,21 +160,11 @@ def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[
     Declared sizes are compared with the bytes actually present before anything is allocated, so a file
     that claims huge tensors is refused without reading further.
     """
-    if len(data) < 8:
-        raise UsageError(f"{what}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise UsageError(f"{what}: not a safetensors file (header size {n} is out of bounds)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"{what}: not a safetensors file (header is not an object)")
+    header, body = split_header(data, what)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{what}: metadata must map strings to strings")
-    _check_entries(header, len(data) - 8 - n, what)
+    _check_entries(header, len(body), what)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types

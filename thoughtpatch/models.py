@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .engine import exact_attention
 from .errors import UsageError
 
 __all__ = [
@@ -289,6 +290,7 @@ def load_model(
     else:
         net.to(resolve_device(device))
     net.eval()
+    exact_attention(net)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model_id = (model if model in WHEEL_MODELS else DEFAULT_MODEL) if named else str(folder.resolve())

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import tiny
 import torch
 from conftest import run_cli
 
@@ -33,22 +34,14 @@ def lm(tiny_dir):
 
 
 def random_patch(lm, seed: int, attn: str = "full", rank: int = 3, placement: str = "skip", skip: int = 1) -> Patch:
-    g = torch.Generator().manual_seed(seed)
-    d, (h, hd) = lm.model.config.hidden_size, head_shape(lm.model)
-    r = lambda *s: 0.1 * torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    layers = {
-        i: LayerPatch(
-            attn_weight=r(h, hd, hd) if attn == "full" else r(h),
-            attn_bias=r(h * hd),
-            attn_query=r(h * hd, d),
-            attn_gate=r(h, d + 1),
-            vector=r(d),
-            matrix_a=r(d, rank),
-            matrix_b=r(d, rank),
-        )  # fmt: skip
-        for i in range(lm.model.config.num_hidden_layers)
-    }
-    return Patch(layers, placement, skip, {"fingerprint": fp(lm), "base_model": "tiny", "prompt_sha256": f"p{seed}"})
+    """Every part, float64, in this model's sizes and with its fingerprint."""
+    parts = {"attn" if attn == "full" else "scalar", "attn_bias", "vector", "matrix", "query", "gate"}
+    cfg = lm.model.config
+    shape = (cfg.num_hidden_layers, cfg.hidden_size, *head_shape(lm.model))
+    return tiny.random_patch(
+        parts, placement, seed=seed, skip=skip, rank=rank, scale=0.1, shape=shape, dtype=torch.float64,
+        meta={"fingerprint": fp(lm)},
+    )  # fmt: skip
 
 
 def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:

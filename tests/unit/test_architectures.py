@@ -13,7 +13,7 @@ from tiny import FAMILIES, QUERIES, SPECS, config
 from thoughtpatch import ARCHITECTURES, align, architecture_for, check, extract, load_model, teacher_answers
 from thoughtpatch.apply import installed
 from thoughtpatch.condense import condense
-from thoughtpatch.engine import blocks
+from thoughtpatch.engine import blocks, hooks, mid_taps
 from thoughtpatch.errors import UsageError
 from thoughtpatch.patch import LayerPatch, Patch
 
@@ -72,6 +72,24 @@ def test_thought_matrix_acts_on_what_the_mlp_reads(tiny_dir, family):
     assert torch.equal(o_patched, o_base)  # the attention (which may share the norm) is untouched
 
 
+@pytest.mark.parametrize("family", ["llama", "granite", "gptj"])
+def test_attn_out_vector_moves_the_mid_residual_by_itself(tiny_dir, family):
+    """An ``attn_out`` vector ``v`` adds exactly ``v`` to the mid-residual, also where the family scales the
+    attention branch before it joins the residual (Granite's residual_multiplier)."""
+    lm = load_model(str(tiny_dir(family)), dtype="float64")
+    blk = blocks(lm.model, architecture_for(lm.model))[1]
+    v = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def mid(patches):
+        seen: dict = {}
+        with installed(lm.model, patches), hooks(mid_taps(blk, seen)):
+            lm.model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+        return seen["r"]
+
+    moved = mid([Patch({1: LayerPatch(vector=v)}, "attn_out", 0)]) - mid([])
+    torch.testing.assert_close(moved, v.expand_as(moved), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["gptj", "mixtral"])
 def test_transmute_apply_eval_end_to_end(tmp_path, tiny_dir, family):
     (tmp_path / "prompt.txt").write_text("You are a pirate. Speak like a pirate.\n")
@@ -106,12 +124,20 @@ def test_unknown_variant_says_which_flag_and_how_to_add_one():
         architecture_for(FalconConfig(new_decoder_architecture=True))
 
 
-def test_coverage_table_lists_every_family():
+def test_coverage_table_is_generated_from_the_declarations():
+    """docs/coverage.md is what scripts/coverage.py renders from docs/coverage.json and today's declarations
+    (its "bakes" column included), with one row per family."""
+    import importlib.util
     from pathlib import Path
 
-    table = (Path(__file__).parents[2] / "docs" / "coverage.md").read_text()
-    rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")}
-    assert rows == {a.name for a in ARCHITECTURES}
+    root = Path(__file__).parents[2]
+    spec = importlib.util.spec_from_file_location("coverage_script", root / "scripts" / "coverage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    doc = json.loads((root / "docs" / "coverage.json").read_text())
+    assert set(doc["pico"]) == {a.name for a in ARCHITECTURES}
+    assert all(row["pico_error"] <= 1e-9 for row in doc["pico"].values())
+    assert (root / "docs" / "coverage.md").read_text() == script.table(doc)
 
 
 @pytest.mark.parametrize("family", ["olmo2"])

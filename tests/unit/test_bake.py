@@ -16,10 +16,13 @@ import tiny
 import torch
 from conftest import run_cli
 from safetensors import safe_open
+from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
 from thoughtpatch.apply import installed
-from thoughtpatch.bake import bake_checkpoint, patch_record
+from thoughtpatch.architectures import architecture_for
+from thoughtpatch.bake import bake_checkpoint, patch_record, plan_bake
+from thoughtpatch.condense import CondenseConfig, for_family
 from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
 from thoughtpatch.files import write_bytes
@@ -39,33 +42,27 @@ CAN = {
     "gemma3": {"attn_bias"},
     "gpt2": {"attn_bias", "skip", "attn_out"},
     "phi3": set(),
+    "olmo": {"attn_bias", "attn_out"},
+    "olmo2": {"attn_bias"},
+    "granite": {"attn_bias", "skip", "attn_out"},  # vectors divided by residual_multiplier
+    "smollm3": {"attn_bias", "skip", "attn_out"},
+    "stablelm": set(),
+    "gpt_neox_sequential": {"attn_bias", "skip", "attn_out"},
+    "gpt_neox": {"attn_bias", "skip", "attn_out"},
+    "gptj": {"skip"},
+    "phi": {"attn_bias", "skip", "attn_out"},
+    "falcon": {"attn_bias", "skip", "attn_out"},  # one flag turns on all four biases
+    "cohere": {"attn_bias", "attn_out"},
+    "stablelm_parallel": set(),
+    # mixtures of experts: the matrix bakes into the router and every expert's (and shared expert's) inputs
+    "mixtral": set(),
+    "olmoe": {"attn_bias", "attn_out"},
+    "qwen3_moe": {"attn_bias", "attn_out"},
+    "qwen2_moe": set(),
 }
-H, HD, D, L = 4, 8, 32, 3
+L, D, H, HD = tiny.SHAPE
+META = {"method.mode": "test", "fidelity.kl": "0.05"}
 IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
-
-
-def make_patch(seed: int, parts: set[str], placement: str = "skip", scalar: bool = False, skip: int = 0) -> Patch:
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, s=0.1):
-        return torch.randn(*shape, generator=g) * s
-
-    layers = {}
-    for i in range(L):
-        lp = LayerPatch()
-        if "attn" in parts:
-            lp.attn_weight = r(H, s=0.3) if scalar else r(H, HD, HD, s=0.15)
-        if "attn_bias" in parts:
-            lp.attn_bias = r(H * HD, s=0.5)
-        if "vector" in parts:
-            lp.vector = r(D, s=0.5)
-        if "matrix" in parts:
-            lp.matrix_a, lp.matrix_b = r(D, 2, s=0.3), r(D, 2, s=0.3)
-        if "query" in parts:
-            lp.attn_query = r(H * HD, D)
-        layers[i] = lp
-    meta = {"prompt_sha256": f"{seed:064d}", "method.mode": "test", "fidelity.kl": "0.05"}
-    return Patch(layers, placement, skip, meta)
 
 
 def patches_for(family: str) -> list[Patch]:
@@ -75,8 +72,8 @@ def patches_for(family: str) -> list[Patch]:
     placement = "attn_out" if "attn_out" in can else "skip"
     if placement in can:
         first.add("vector")
-    second = {"attn", "matrix"} | ({"vector"} if "skip" in can else set())
-    return [make_patch(1, first, placement), make_patch(2, second, "skip", scalar=True)]
+    second = {"scalar", "matrix"} | ({"vector"} if "skip" in can else set())
+    return [random_patch(first, placement, seed=1, meta=META), random_patch(second, seed=2, meta=META)]
 
 
 def records(patches):
@@ -114,11 +111,19 @@ def test_baked_checkpoint_equals_in_memory(family, tiny_dir, tmp_path):
     assert base.state_dict().keys() <= AutoModelForCausalLM.from_pretrained(out).state_dict().keys()
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", list(CAN))
+def test_bakeable_preset_keeps_what_the_family_bakes(family):
+    arch = architecture_for(tiny.config(family))
+    for placement in ("skip", "attn_out"):
+        cfg = for_family(CondenseConfig(bakeable=True, placement=placement), arch)
+        assert cfg.vector == (placement in CAN[family]) and cfg.attn_bias == ("attn_bias" in CAN[family])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "olmo2", "gptj", "stablelm", "mixtral"])
 def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
-    refused = [make_patch(3, {"attn", "vector"}, p) for p in ("skip", "attn_out") if p not in CAN[family]] + [
-        make_patch(3, {"attn", "attn_bias"})
+    refused = [random_patch({"attn", "vector"}, p, seed=3) for p in ("skip", "attn_out") if p not in CAN[family]] + [
+        random_patch({"attn", "attn_bias"}, seed=3)
     ] * ("attn_bias" not in CAN[family])
     assert refused
     for p in refused:
@@ -127,12 +132,24 @@ def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
 
 
+def test_matrix_bakes_into_every_expert_and_refuses_fused_experts(tiny_dir, tmp_path):
+    """Mixtral stores its experts one by one: the router and both input projections of every expert change."""
+    patch = random_patch({"matrix"}, seed=5)
+    summary = bake_checkpoint(tiny_dir("mixtral"), tmp_path / "out", [patch], records([patch]))
+    assert summary["tensors_changed"] == L * (1 + 2 * tiny.SPECS["mixtral"][1]["num_local_experts"])
+    config = tiny.config("olmoe").to_dict()  # experts fused in one (experts, 2 * inner, hidden) tensor
+    block = "model.layers.0.mlp."
+    headers = {block + "gate.weight": {"shape": [4, D]}, block + "experts.gate_up_proj": {"shape": [4, 2 * D, D]}}
+    with pytest.raises(UsageError, match="holds several experts.*in memory"):
+        plan_bake([patch], architecture_for(tiny.config("olmoe")), config, headers=headers)
+
+
 def test_in_memory_only_parts_and_skipped_tokens_are_refused(tiny_dir, tmp_path):
     src = tiny_dir("llama")
     with pytest.raises(UsageError, match="query-dependent.*in memory"):
-        bake_checkpoint(src, tmp_path / "o", [make_patch(4, {"attn", "query"})], [{"file": "q"}])
+        bake_checkpoint(src, tmp_path / "o", [random_patch({"attn", "query"}, seed=4)], [{"file": "q"}])
     with pytest.raises(UsageError, match="first 1 tokens unpatched.*--mode bakeable or --skip 0"):
-        bake_checkpoint(src, tmp_path / "o", [make_patch(4, {"attn"}, skip=1)], [{"file": "s"}])
+        bake_checkpoint(src, tmp_path / "o", [random_patch({"attn"}, skip=1, seed=4)], [{"file": "s"}])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -226,13 +243,13 @@ def _corrupt(d: Path, src: Path) -> dict[str, tuple[list[str], str]]:
     good = (d / "p0.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(good[: len(good) // 2])
     (d / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    nan = make_patch(1, {"attn"})
+    nan = random_patch({"attn"}, seed=1)
     nan.layers[0].attn_weight[0, 0, 0] = float("nan")
     write_bytes(d / "nan.safetensors", patch_to_bytes(nan))
-    wide = make_patch(1, {"vector"})
+    wide = random_patch({"vector"}, seed=1)
     wide.layers[1].vector = torch.zeros(D + 1)
     write_bytes(d / "wide.safetensors", patch_to_bytes(wide))
-    write_bytes(d / "query.safetensors", patch_to_bytes(make_patch(1, {"attn", "query"})))
+    write_bytes(d / "query.safetensors", patch_to_bytes(random_patch({"attn", "query"}, seed=1)))
     shard = sorted(src.glob("*.safetensors"))[1]
     broken = d / "broken-model"
     broken.mkdir(exist_ok=True)

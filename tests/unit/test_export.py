@@ -12,41 +12,17 @@ import torch
 from conftest import run_cli
 from peft import PeftModel
 from safetensors import safe_open
+from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
 from thoughtpatch.apply import installed
 from thoughtpatch.errors import UsageError
 from thoughtpatch.export import export_patch
 from thoughtpatch.files import write_bytes
-from thoughtpatch.patch import LayerPatch, Patch, patch_to_bytes
+from thoughtpatch.patch import Patch, patch_to_bytes
 
-H, HD, D, L = 4, 8, 32, 3
+L, D, H, HD = tiny.SHAPE
 IDS = torch.tensor([[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]])
-
-
-def make_patch(parts: set[str], placement: str = "skip", seed: int = 0, rank: int = D, skip: int = 0) -> Patch:
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, s=0.1):
-        return torch.randn(*shape, generator=g) * s
-
-    layers = {}
-    for i in range(L):
-        lp = LayerPatch()
-        if "attn" in parts:
-            lp.attn_weight = r(H, HD, HD, s=0.15)
-        if "scalar" in parts:
-            lp.attn_weight = r(H, s=0.3)
-        if "attn_bias" in parts:
-            lp.attn_bias = r(H * HD, s=0.5)
-        if "vector" in parts:
-            lp.vector = r(D, s=0.5)
-        if "matrix" in parts:
-            lp.matrix_a, lp.matrix_b = r(D, rank, s=0.3 / rank**0.5), r(D, rank, s=0.3)
-        if "query" in parts:
-            lp.attn_query = r(H * HD, D)
-        layers[i] = lp
-    return Patch(layers, placement, skip, {"base_model": "tiny", "prompt_sha256": "0" * 64})
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +69,9 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
     "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix"}, "skip", True),
     "gemma2": ("gemma2", {"attn", "attn_bias", "matrix"}, "skip", False),  # no o_proj bias to merge into
     "phi3": ("phi3", {"attn", "matrix"}, "skip", True),  # no biases needed
+    # vectors on branches that residual_multiplier scales
+    "granite-attn_out": ("granite", {"attn", "attn_bias", "vector", "matrix"}, "attn_out", False),
+    "granite-skip": ("granite", {"vector"}, "skip", False),
 }
 
 
@@ -100,7 +79,7 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
 def test_peft_adapter_equals_the_patch(case, tiny_dir, biased_llama, tmp_path):
     where, parts, placement, merges = CASES[case]
     folder = biased_llama if where == "bias" else tiny_dir(where)
-    patch = make_patch(parts, placement)
+    patch = random_patch(parts, placement, rank=D)
     summary = export_patch(patch, folder, tmp_path / "lora", "peft")
     assert summary["files"] == ["adapter_model.safetensors", "adapter_config.json"]
     assert summary["merge_and_unload"] is merges
@@ -109,7 +88,7 @@ def test_peft_adapter_equals_the_patch(case, tiny_dir, biased_llama, tmp_path):
 
 def test_peft_lora_bias_without_base_bias_runs_but_cannot_merge(tiny_dir, tmp_path):
     folder = tiny_dir("llama")  # no o_proj or down_proj bias
-    patch = make_patch({"attn", "attn_bias", "vector", "matrix"}, "skip", seed=1, rank=4)
+    patch = random_patch({"attn", "attn_bias", "vector", "matrix"}, "skip", seed=1, rank=4)
     summary = export_patch(patch, folder, tmp_path / "lora", "peft")
     assert summary["merge_and_unload"] is False
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -121,7 +100,7 @@ def test_peft_lora_bias_without_base_bias_runs_but_cannot_merge(tiny_dir, tmp_pa
 
 
 def test_rank_compression_reports_its_error(biased_llama, tmp_path):
-    patch = make_patch({"attn", "matrix"}, rank=4)
+    patch = random_patch({"attn", "matrix"}, rank=4)
     exact = export_patch(patch, biased_llama, tmp_path / "exact", "peft", rank=D)
     small = export_patch(patch, biased_llama, tmp_path / "r4", "peft", rank=4)
     assert exact["max_relative_error"] == 0.0 and small["ranks"] == [4]
@@ -157,7 +136,7 @@ def gguf_tensors(path: Path) -> tuple[dict, dict]:
 
 def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
     folder = tiny_dir("llama")
-    patch = make_patch({"attn", "vector", "matrix"}, "skip", rank=4)
+    patch = random_patch({"attn", "vector", "matrix"}, "skip", rank=4)
     with pytest.raises(UsageError, match="direction.0"):
         export_patch(patch, folder, tmp_path / "refused", "gguf")
     assert not (tmp_path / "refused").exists()
@@ -199,28 +178,28 @@ def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
 def test_gguf_refuses_constants_and_attn_out_vectors(tiny_dir, tmp_path):
     folder = tiny_dir("llama")
     with pytest.raises(UsageError, match="carry no biases"):
-        export_patch(make_patch({"attn", "attn_bias"}), folder, tmp_path / "a", "gguf")
+        export_patch(random_patch({"attn", "attn_bias"}), folder, tmp_path / "a", "gguf")
     with pytest.raises(UsageError, match="before the MLP"):
-        export_patch(make_patch({"vector"}, "attn_out"), folder, tmp_path / "b", "gguf")
+        export_patch(random_patch({"vector"}, "attn_out"), folder, tmp_path / "b", "gguf")
 
 
 def test_refusals_leave_nothing_behind(tiny_dir, tmp_path):
     folder, out = tiny_dir("llama"), tmp_path / "x"
     with pytest.raises(UsageError, match="unpatched"):
-        export_patch(make_patch({"attn"}, skip=1), folder, out, "peft")
+        export_patch(random_patch({"attn"}, skip=1), folder, out, "peft")
     with pytest.raises(UsageError, match="--to must be one of"):
-        export_patch(make_patch({"attn"}), folder, out, "onnx")
+        export_patch(random_patch({"attn"}), folder, out, "onnx")
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
-    export_patch(make_patch({"attn"}), folder, out, "peft")
+    export_patch(random_patch({"attn"}), folder, out, "peft")
     with pytest.raises(UsageError, match="already exists"):
-        export_patch(make_patch({"attn"}), folder, out, "peft")
+        export_patch(random_patch({"attn"}), folder, out, "peft")
 
 
 def test_cli_export_and_its_refusals(tiny_dir, tmp_path):
     folder = tiny_dir("gemma2")
     good, best = tmp_path / "good.st", tmp_path / "best.st"
-    write_bytes(good, patch_to_bytes(make_patch({"attn", "vector", "matrix"}, "skip", rank=2)))
-    write_bytes(best, patch_to_bytes(make_patch({"attn", "query"})))
+    write_bytes(good, patch_to_bytes(random_patch({"attn", "vector", "matrix"}, "skip", rank=2)))
+    write_bytes(best, patch_to_bytes(random_patch({"attn", "query"})))
     args = ("--to", "peft", "--model", str(folder), "-o", str(tmp_path / "x"))
     r = run_cli("export", str(best), *args)
     assert r.returncode == 2 and b"--mode bakeable" in r.stderr and len(r.stderr.splitlines()) == 1

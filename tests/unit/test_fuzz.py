@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thoughtpatch import Prompt, UsageError, align, extract, load_model
+from thoughtpatch.files import join_header, split_header
 from thoughtpatch.formats import fingerprint, updates_from_bytes, updates_to_bytes
 from thoughtpatch.patch import LayerPatch, Patch, describe_patch, patch_from_bytes, patch_to_bytes
 
@@ -53,16 +54,6 @@ def updates_data(tiny_dir):
     return updates_to_bytes(up, {"base_model": "tiny", "fingerprint": fp})
 
 
-def _split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def _join(header: dict, body: bytes) -> bytes:
-    head = json.dumps(header).encode()
-    return struct.pack("<Q", len(head)) + head + body
-
-
 def _read_patch(data: bytes) -> None:
     try:
         describe_patch(patch_from_bytes(data))  # what `inspect` does with a file that passed
@@ -88,7 +79,7 @@ WEIRD = st.one_of(
 
 
 def _edit_header(data: bytes, draw) -> bytes:
-    header, body = _split(data)
+    header, body = split_header(data, "test")
     names = sorted(header)
     name = draw(st.sampled_from(names))
     entry = header[name]
@@ -111,7 +102,7 @@ def _edit_header(data: bytes, draw) -> bytes:
             header[name] = draw(WEIRD)
         else:
             entry[field] = draw(WEIRD)
-    return _join(header, body)
+    return join_header(header, body)
 
 
 @FUZZ
@@ -141,13 +132,13 @@ def test_patch_header_and_metadata_edits(data):
 @FUZZ
 @given(st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.integers(0, 10**6))
 def test_patch_nan_inf_tensor_is_refused(bad, which):
-    header, body = _split(PATCH)
+    header, body = split_header(PATCH, "test")
     names = sorted(k for k in header if k != "__metadata__")
     e = header[names[which % len(names)]]
     start = e["data_offsets"][0]
     body = body[:start] + struct.pack("<f", bad) + body[start + 4 :]
     with pytest.raises(UsageError, match="NaN or Inf"):
-        patch_from_bytes(_join(header, body))
+        patch_from_bytes(join_header(header, body))
 
 
 @settings(FUZZ, max_examples=150)
@@ -174,15 +165,15 @@ def test_unmutated_files_load(updates_data):
     ["huge_header", "missing_key", "bad_shape"],
 )
 def test_cli_bad_patch_files_exit_2(tmp_path, case):
-    header, body = _split(PATCH)
+    header, body = split_header(PATCH, "test")
     if case == "huge_header":
         blob = struct.pack("<Q", 2**63) + PATCH[8:]
     elif case == "missing_key":
         del header["__metadata__"]["placement"]
-        blob = _join(header, body)
+        blob = join_header(header, body)
     else:
         header["layers.0.vector"]["shape"] = [2**40, 2**40]
-        blob = _join(header, body)
+        blob = join_header(header, body)
     (tmp_path / "p.safetensors").write_bytes(blob)
     r = run_cli("inspect", str(tmp_path / "p.safetensors"))
     err = r.stderr.decode()
