@@ -89,6 +89,7 @@ Kv = Annotated[
         "prompt's own keys and values, exact). In memory only."
     ),
 ]
+KvMax = Annotated[int | None, typer.Option(help="At most this many virtual key/value slots per block.")]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model folder to run its own Python code (off by default).")
 ]
@@ -364,6 +365,7 @@ def condense(
     construction: Construction = None,
     skip: Skip = None,
     kv: Kv = None,
+    kv_max: KvMax = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     device_map: DeviceMap = None,
@@ -383,7 +385,7 @@ def condense(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
-        kv=kv,
+        kv=kv, kv_max=kv_max,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
     lm = _load(
@@ -427,6 +429,7 @@ def transmute(
     layers: Layers = None,
     skip: Skip = None,
     kv: Kv = None,
+    kv_max: KvMax = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: StorePrompt = True,
@@ -452,7 +455,7 @@ def transmute(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
-        kv=kv,
+        kv=kv, kv_max=kv_max,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")

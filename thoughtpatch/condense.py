@@ -74,6 +74,7 @@ class CondenseConfig:
     sink_factor: float = 10.0
     batch_size: int = 16
     kv: float = 0.0  # virtual key/value slots per block: this share of the prompted prefix's tokens (0: none)
+    kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
 
     def validate(self, n_layers: int | None = None) -> None:
@@ -93,6 +94,8 @@ class CondenseConfig:
             raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
         if not 0 <= self.kv <= 1:
             raise UsageError(f"--kv must be a share of the prompt's tokens in [0, 1], not {self.kv}")
+        if self.kv_max is not None and self.kv_max < 1:
+            raise UsageError(f"--kv-max must be a positive number of slots, not {self.kv_max}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -120,7 +123,7 @@ class CondenseConfig:
             "attn_ridge": repr(self.attn_ridge),
             "strength": repr(self.strength),
             "sink_factor": repr(self.sink_factor),
-        } | ({"kv": repr(self.kv), "kv_ridge": repr(self.kv_ridge)} if self.kv else {})
+        } | ({"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)} if self.kv else {})
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -516,6 +519,11 @@ def condense(
         return _sequential(model, pairs, cfg, progress)
 
 
+def _n_slots(cfg: CondenseConfig, prompt_tokens: int) -> int:
+    """Slots per block: the configured share of the prompted prefix, at least one, at most ``kv_max``."""
+    return min(max(1, round(cfg.kv * prompt_tokens)), cfg.kv_max or prompt_tokens)
+
+
 def _prompt_kv(model: nn.Module, pairs: TokenPairs) -> list[tuple[Tensor, Tensor, int]]:
     """The prompted prefix's keys and values per block, (KVH, L, hd) each, the keys at the positions the
     prompt-free run's queries see them from (rotary families; others keep their own positions), and the
@@ -548,7 +556,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
         if i in fit_layers:
             slots = None
             if prompt_kv is not None:
-                slots = _slots(blk, chunks, pos, *prompt_kv[i], max(1, round(cfg.kv * len(pairs.prefix_prompted))), cfg)
+                slots = _slots(blk, chunks, pos, *prompt_kv[i], _n_slots(cfg, len(pairs.prefix_prompted)), cfg)
             lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges, slots)
             patch.layers[i] = lp.scaled(cfg.strength)
         specs = layer_hook_specs(model, patch, pos, {i})

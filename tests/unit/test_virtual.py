@@ -70,6 +70,8 @@ def test_compressed_slots_round_trip_and_help(tiny_dir):
     """A quarter of the tokens as slots: the file round-trips and the patch moves the model toward the prompt."""
     lm = load_model(str(tiny_dir("llama")), dtype="float64")
     fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3)
+    capped = condense(lm.model, fit, CondenseConfig(kv=1.0, kv_max=3, attn="none", vector=False, matrix=False))
+    assert capped.layers[0].kv_key.shape == (2, 3, 8) and capped.meta["method.kv_max"] == "3"
     patch = condense(lm.model, fit, CondenseConfig(kv=0.25, attn="none", vector=False, matrix=False))
     slots = max(1, round(0.25 * len(fit.prefix_prompted)))
     assert patch.layers[0].kv_key.shape == (2, slots, 8) and patch.meta["method.kv"] == "0.25"
@@ -97,7 +99,7 @@ def test_bad_slot_files_and_configs(tiny_dir):
     patch.meta = {k: v for k, v in patch.meta.items() if k != "parameters"}
     with pytest.raises(UsageError, match="kv.key and kv.value"):
         patch_from_bytes(patch_to_bytes(patch))
-    for bad in (CondenseConfig(kv=1.5), CondenseConfig(kv=0.5, bakeable=True, skip=0)):
+    for bad in (CondenseConfig(kv=1.5), CondenseConfig(kv=0.5, bakeable=True, skip=0), CondenseConfig(kv_max=0)):
         with pytest.raises(UsageError, match="kv"):
             bad.validate()
     two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
