@@ -220,6 +220,55 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def combine(paths: list[str]) -> dict:
+    """Several result files of the same model as one: each method's scores per task, later files win."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = dict(runs[0], tasks={})
+    for task in runs[0]["tasks"]:
+        out["tasks"][task] = {}
+        for r in runs:
+            out["tasks"][task].update(r["tasks"].get(task, {}))
+    return out
+
+
+def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The Pareto front of (size, top-1) points: no other point is smaller and at least as good."""
+    best, out = -1.0, []
+    for size, top1, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if top1 > best:
+            out.append((size, top1, name))
+            best = top1
+    return out
+
+
+def pareto(results: dict, path: Path) -> None:
+    """Mean held-out top-1 and KL against patch size (share of the model's parameters), the front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = {n: s for n, s in summarise(results).items() if s["parameters"] > 0}
+    pts = [(100 * s["share_of_model"], s["top1"], n) for n, s in mean.items()]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("top1", "kl"), strict=True):
+        for n, s in mean.items():
+            ax.scatter(100 * s["share_of_model"], s[key], s=18)
+            ax.annotate(n, (100 * s["share_of_model"], s[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        f = front(pts)
+        ax.plot([p[0] for p in f], [mean[p[2]][key] for p in f], "k--", lw=0.8, label="Pareto front (top-1)")
+        ax.set_xscale("log")
+        ax.set_xlabel("patch size, % of the model's parameters")
+    axes[0].set_ylabel("mean top-1 agreement")
+    axes[1].set_ylabel("mean KL, nats")
+    axes[1].set_yscale("log")
+    axes[0].axvline(0.1, color="grey", lw=0.6, ls=":")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Fidelity against size, {results['model']} ({len(results['tasks'])} tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -233,18 +282,21 @@ def main() -> None:
     ap.add_argument(
         "--out", default=str(ROOT / "docs" / "fidelity-results"), help="Output stem: .json, .md and .png are written"
     )
-    ap.add_argument("--from-json", default=None)
+    ap.add_argument("--from-json", default=None, help="Redraw from result files (comma-separated: combined)")
+    ap.add_argument("--pareto", default=None, help="Also plot fidelity against patch size (PNG) with its front")
     ap.add_argument("--doc", default=None, help="Markdown file whose results section is rewritten (docs/fidelity.md)")
     args = ap.parse_args()
     if args.doc and Path(args.doc).resolve() == Path(args.out).with_suffix(".md").resolve():
         sys.exit("--doc and --out would write the same file; give --out another stem")
-    results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    results = combine(args.from_json.split(",")) if args.from_json else run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.from_json:
         out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))
     plot(results, out.with_suffix(".png"))
+    if args.pareto:
+        pareto(results, Path(args.pareto))
     if args.doc:  # refresh the results section of a narrative document in place
         doc = Path(args.doc)
         text = doc.read_text()

@@ -133,6 +133,11 @@ def merge(
         raise UsageError(f"{len(weights)} weights for {len(patches)} patches")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError("weights must be finite numbers")
+    if any(p.has_slots for p in patches):
+        raise UsageError(
+            "a patch with virtual key/value slots (--kv: a compressed copy of its prompt's keys and values) does "
+            "not add to others; apply it beside them instead: thoughtpatch apply A B"
+        )
     placement, skip_out = _common(patches, force, skip)
     _check_shapes(patches)
     layers = {}

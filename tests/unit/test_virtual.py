@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thoughtpatch import Prompt, align, load_model
+from thoughtpatch.algebra import merge
 from thoughtpatch.apply import installed
 from thoughtpatch.condense import CondenseConfig, condense
 from thoughtpatch.engine import eos_ids, greedy
@@ -105,3 +106,5 @@ def test_bad_slot_files_and_configs(tiny_dir):
     two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
     with pytest.raises(UsageError, match="only one"), installed(lm.model, [two, two]):
         pass
+    with pytest.raises(UsageError, match="does not add"):
+        merge([two, two])
