@@ -124,6 +124,11 @@ def plan_bake(
     need: dict[str, dict[int, str]] = {"attn": {}, "mlp": {}}  # biases needed: block -> the patch needing it
     for patch, what in zip(patches, names, strict=True):
         validate_for(patch, hidden, n_layers, heads, head_dim, what)
+        if patch.has_slots:
+            raise UsageError(
+                f"{what} carries virtual key/value slots (--kv), which weights cannot express; rebuild it with "
+                f"--mode bakeable, or {ALTERNATIVES}"
+            )
         if patch.skip:
             raise UsageError(
                 f"{what} leaves its first {patch.skip} tokens unpatched, which weights cannot express; rebuild it "

@@ -70,6 +70,11 @@ class LoraTerm:
 def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool, what: str) -> tuple[Patch, list[str]]:
     """The patch without the parts ``target`` cannot express (dropped only under ``drop_vectors``; else a
     refusal), and a warning per dropped part."""
+    if patch.has_slots:
+        raise UsageError(
+            f"{what} carries virtual key/value slots (--kv), which no weight format can express; rebuild it "
+            "with thoughtpatch transmute --mode bakeable, or keep it in memory (thoughtpatch apply)"
+        )
     if any(lp.in_memory_only for lp in patch.layers.values()):
         raise UsageError(
             f"{what} has query-dependent parts, which no weight format can express; rebuild it with "

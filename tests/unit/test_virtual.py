@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -108,3 +110,33 @@ def test_bad_slot_files_and_configs(tiny_dir):
         pass
     with pytest.raises(UsageError, match="does not add"):
         merge([two, two])
+
+
+def test_slot_patches_on_the_command_line(tiny_dir, tmp_path):
+    """transmute --kv builds slots; apply and eval run them; baking and export refuse them (exit 2)."""
+    from conftest import run_cli
+
+    model = str(tiny_dir("llama"))
+    (tmp_path / "prompt.txt").write_text("You are a pirate. Speak like a pirate in every answer.")
+    (tmp_path / "fit.txt").write_text("\n".join(FIT))
+    (tmp_path / "held.txt").write_text("\n".join(ASK))
+    patch = str(tmp_path / "p.safetensors")
+    r = run_cli("transmute", str(tmp_path / "prompt.txt"), "--model", model, "--probes", str(tmp_path / "fit.txt"),
+                "--kv", "0.5", "--kv-max", "4", "--answer-tokens", "2", "-o", patch, "-q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run_cli("inspect", patch, "--json")
+    rows = json.loads(r.stdout)["layers"]
+    assert {row["kv_slots"] for row in rows} == {4}
+    r = run_cli("apply", patch, "--model", model, "-p", "the dog", "-p", "a cat", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["answers"]) == 2, r.stderr
+    r = run_cli("eval", patch, "--model", model, "--prompt-file", str(tmp_path / "prompt.txt"),
+                "--queries", str(tmp_path / "held.txt"), "--answer-tokens", "2", "--json", "-q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)["methods"]
+    assert scores["patch"]["kl"] < scores["none"]["kl"]
+    for args in (("apply", patch, "--model", model, "--save", str(tmp_path / "baked")),
+                 ("export", patch, "--model", model, "--to", "peft", "-o", str(tmp_path / "peft"))):  # fmt: skip
+        r = run_cli(*args, "-q")
+        assert r.returncode == 2 and r.stderr.decode().count("\n") == 1, r.stderr
+        assert "virtual key/value slots" in r.stderr.decode()
+        assert not (tmp_path / "baked").exists() and not (tmp_path / "peft").exists()
