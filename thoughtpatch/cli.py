@@ -103,8 +103,9 @@ def _warn(message, category, *args, **kwargs) -> None:
     err.print(f"thoughtpatch: warning: {message}", markup=False, soft_wrap=True)
 
 
-def _setup(quiet: bool, output: str | None = None) -> None:
-    """Logging and warnings for a command; its output path is checked before any work."""
+def _setup(quiet: bool, output: str | None = None, models: bool = True) -> None:
+    """Logging and warnings for a command; its output path is checked before any work (``models=False``: the
+    command loads no model, so transformers is not imported)."""
     import warnings
 
     from .errors import IllConditionedWarning
@@ -116,7 +117,7 @@ def _setup(quiet: bool, output: str | None = None) -> None:
     warnings.showwarning = _warn
     warnings.simplefilter("default", IllConditionedWarning)
     set_quiet(_quiet)
-    if quiet or not sys.stderr.isatty():
+    if models and (quiet or not sys.stderr.isatty()):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
 
@@ -528,14 +529,14 @@ def apply(
 ) -> None:
     """Generate with patches installed (greedy, the chat template applied as for any user turn), or bake them
     into a new checkpoint with --save."""
-    _setup(quiet)
+    _setup(quiet, models=not save)
     if bool(prompt) == bool(save):
         raise UsageError("give --prompt (generate with the patches in memory) or --save DIR (bake them), one of them")
     if patch_files.count("-") > 1:
         raise UsageError("only one patch can come from stdin (-)")
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    read = [_read_patch_bytes(f) for f in patch_files]
+    read = [_read_patch_bytes(f, numpy=bool(save) and device == "cpu") for f in patch_files]
     patches = [p for p, _ in read]
     base = model or patches[0].meta.get("base_model")
     if save:
@@ -554,15 +555,15 @@ def apply(
         sys.stdout.write("\n".join(answers) + "\n")
 
 
-def _read_patch_bytes(path: str):
-    """A patch and the sha256 of its file's bytes."""
+def _read_patch_bytes(path: str, numpy: bool = False):
+    """A patch and the sha256 of its file's bytes (``numpy``: parts as numpy arrays, for baking on the CPU)."""
     import hashlib
 
     from .files import read_bytes
     from .patch import patch_from_bytes
 
     data = read_bytes(path, "patch")
-    return patch_from_bytes(data, f"patch {path}"), hashlib.sha256(data).hexdigest()
+    return patch_from_bytes(data, f"patch {path}", numpy), hashlib.sha256(data).hexdigest()
 
 
 def _bake(files: list[str], read: list, base: str | None, save: str, scale: float, device: str, json_out: bool):
@@ -570,8 +571,8 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     from pathlib import Path
 
     from .bake import bake_checkpoint, config_view, patch_record
-    from .formats import check_fingerprint
     from .models import DEFAULT_MODEL, default_model_dir, resolve_device
+    from .schema import check_fingerprint
 
     with spinner("preparing the default model"):
         folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
@@ -584,7 +585,13 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     log(f"baking {len(patches)} patch(es) into a copy of {folder.name}: {save}")
     with progress("bake (shards)", None) as step:
         summary = bake_checkpoint(
-            folder, save, patches, records, device=str(resolve_device(device)), log=log, progress=step
+            folder,
+            save,
+            patches,
+            records,
+            device=device if device == "cpu" else str(resolve_device(device)),
+            log=log,
+            progress=step,
         )
     _report(summary, json_out, None, "baked checkpoint")
 
