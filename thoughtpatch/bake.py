@@ -33,6 +33,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,6 +393,12 @@ def _write(fd: int, data) -> int:
     return done
 
 
+def _put(fin: int, fout: int, start: int, length: int, data) -> None:
+    """Copy ``length`` untouched bytes, then write ``data``."""
+    _copy_range(fin, fout, start, length)
+    _write(fout, data)
+
+
 def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan, adds: list[str], headers, read) -> int:
     """Rewrite one shard: untouched bytes copied, touched tensors baked, ``adds`` (new biases) appended."""
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
@@ -409,19 +416,22 @@ def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan,
     head += b" " * (-len(head) % 8)
     fin, fout = os.open(src, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        _write(fout, struct.pack("<Q", len(head)) + head)
-        done = 0  # data bytes copied or written so far
-        for name in names:
-            a, b = header[name]["data_offsets"]
-            if name not in plan.roles:
-                continue
-            _copy_range(fin, fout, start + done, a - done)
-            _write(fout, _bake_stored(name, read(name), header[name]["dtype"], plan, read))
-            done = b
+        # One thread writes (in file order) while this one bakes the next tensor: at most two in memory.
+        with ThreadPoolExecutor(1, thread_name_prefix="thoughtpatch-write") as io:
+            job = io.submit(_write, fout, struct.pack("<Q", len(head)) + head)
+            done = 0  # data bytes copied or handed to the writer so far
+            for name in names:
+                a, b = header[name]["data_offsets"]
+                if name not in plan.roles:
+                    continue
+                baked = _bake_stored(name, read(name), header[name]["dtype"], plan, read)
+                job.result()
+                job = io.submit(_put, fin, fout, start + done, a - done, baked)
+                done = b
+            job.result()
         _copy_range(fin, fout, start + done, end - done)
         for t in new_tensors.values():
             _write(fout, t)
-        os.fsync(fout)
     finally:
         os.close(fin)
         os.close(fout)
@@ -479,7 +489,7 @@ def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, i
         header, start = parsed[f]
         h = header[name]
         a, b = h["data_offsets"]
-        buf = bytearray(b - a)
+        buf = np.empty(b - a, np.uint8)  # not zeroed: every byte is read into
         with open(src / f, "rb") as fh:
             fh.seek(start + a)
             if fh.readinto(buf) != len(buf):
