@@ -66,6 +66,7 @@ StorePrompt = Annotated[
     bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output's metadata.")
 ]
 Output = Annotated[str, typer.Option("--output", "-o", help="File to write (- for stdout).")]
+Plot = Annotated[str | None, typer.Option(help="Also draw the report into this PNG file (needs matplotlib).")]
 # Condensation options, shared by condense and transmute (None: the mode's default).
 Mode = Annotated[str, typer.Option(help="Preset: best (default), bakeable or compact; options below override it.")]
 Attn = Annotated[str | None, typer.Option(help="Per-head map of the attention output: full, scalar or none.")]
@@ -171,6 +172,22 @@ def _one_stdin(*paths: str | None) -> None:
     """At most one input may be read from stdin."""
     if sum(p == "-" for p in paths) > 1:
         raise UsageError("only one input can be - (stdin) per command")
+
+
+def _check_plot(plot: str | None) -> None:
+    """A --plot file that can be written, and matplotlib, checked before any work."""
+    import importlib.util
+
+    from .files import check_output
+
+    if plot == "-":
+        raise UsageError("--plot needs a file name (a PNG does not go to stdout)")
+    try:
+        check_output(plot)
+    except UsageError as exc:
+        raise UsageError(f"--plot {str(exc).removeprefix('output ')}") from None
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'thoughtpatch[plot]'")
 
 
 def _stdout_once(json_out: bool, output: str | None) -> None:
@@ -665,9 +682,7 @@ def eval_(
     ] = None,
     answer_tokens: AnswerTokens = 8,
     caa: Annotated[bool, typer.Option("--caa/--no-caa", help="Tune and score the CAA baseline.")] = True,
-    plot: Annotated[
-        str | None, typer.Option(help="Also write a PNG of KL and top-1 agreement per method (needs matplotlib).")
-    ] = None,
+    plot: Plot = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
@@ -682,6 +697,7 @@ def eval_(
     from .pipeline import run_eval
     from .prompts import load_probes, load_prompt
 
+    _check_plot(plot)
     _setup(quiet)
     if answer_tokens < 1:
         raise UsageError("--answer-tokens must be >= 1")
@@ -813,6 +829,7 @@ def merge(
     epilog="Examples:\n\n"
     "  thoughtpatch diff a.safetensors b.safetensors              (patch vs patch)\n\n"
     "  thoughtpatch diff a.safetensors --prompts asks.txt --json  (patch vs its base model, with KL)\n\n"
+    "  thoughtpatch diff a.safetensors b.safetensors --plot ab.png  (per-block figure)\n\n"
     "  thoughtpatch diff ./base-model ./tuned-model -o tuned.safetensors --rank 16   (model vs model)"
 )
 def diff(
@@ -829,6 +846,7 @@ def diff(
         typer.Option("--output", "-o", help="Model vs model: write a low-rank patch of the MLP-input changes."),
     ] = None,
     rank: Annotated[int | None, typer.Option(help="Model vs model: rank of that patch (default: numerical).")] = None,
+    plot: Plot = None,
     chat: Chat = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
@@ -839,6 +857,7 @@ def diff(
     """Compare patches and models: patch vs patch, patch vs base model, model folder vs model folder."""
     from pathlib import Path
 
+    _check_plot(plot)  # before torch is imported: a bad path fails at once
     from . import compare
 
     _setup(quiet)
@@ -880,6 +899,12 @@ def diff(
 
             asks = [free_ids(lm.tokenizer, q, chat) for q in load_probes(prompts)]
             doc["functional"] = compare.functional_diff(lm.model, patch, asks)
+    if plot:
+        from .files import write_bytes
+        from .plots import diff_png
+
+        write_bytes(plot, diff_png(doc, f"{first} vs {second or 'its base model'}"))
+        doc["plot"] = plot
     if json_out:
         _emit_json(doc)
     else:
