@@ -180,8 +180,7 @@ def load_tensors(data: bytes, what: str, numpy: bool = False) -> tuple[dict, dic
     return tensors, meta
 
 
-_NUMPY = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32"}
-_NUMPY |= {"U8": "uint8", "BOOL": "bool"}
+_NUMPY = {v: k.replace("bfloat16", "uint16") for k, v in _DTYPES.items()}  # safetensors -> numpy (bf16 as bits)
 
 
 def array_from_bytes(raw, dtype: str, shape: list[int]) -> np.ndarray:
