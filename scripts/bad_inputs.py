@@ -212,6 +212,7 @@ def cases() -> list[tuple[str, Callable[[], list[str]]]]:
         ("prompt longer than the model's context window", lambda: ["extract", "long.txt", *extract[2:], "llama"]),
         ("output path is a folder", lambda: [*extract, "llama", "-o", "llama"]),
         ("output folder does not exist", lambda: [*extract, "llama", "-o", "nowhere/u.safetensors"]),
+        ("--plot into a folder that does not exist", lambda: ["diff", P, P, "--plot", "nowhere/diff.png"]),
         ("model folder changed since the patch was made (warning)", lambda: [*apply, P, "-m", "llama-retrained"]),
     ]
 

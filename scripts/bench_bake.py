@@ -1,6 +1,7 @@
 """Baking a patch into a sharded checkpoint: peak memory and time against load + save_pretrained and cp.
 
-python scripts/bench_bake.py [--patch P] [--shard-size 200MB] [--repeat 1] [--json]
+python scripts/bench_bake.py [--model M | --src SHARDED] [--patch P] [--shard-size 200MB] [--repeat 1] [--no-loaders]
+    [--json]
 
 Saves the default model (or --model) in several shards into a temporary folder, then runs, each in its own
 process and side by side: ``thoughtpatch apply --save`` (streaming), ``from_pretrained`` + the same patch
@@ -8,13 +9,16 @@ folded into the state dict + ``save_pretrained``, PEFT's ``merge_and_unload`` + 
 adapter (rank --lora-rank on o_proj, gate_proj, up_proj; needs peft), and ``cp -r`` (with and without ``sync`` of the copied
 files; baking fsyncs what it writes), plus the interpreter's start-up alone (the fixed part of the first
 two). Peak RSS is the child's ``ru_maxrss``. Without --patch, a bakeable
-patch is built first with ``thoughtpatch transmute examples/french.txt --mode bakeable``.
+patch is built first with ``thoughtpatch transmute examples/french.txt --mode bakeable``. ``--src`` bakes an
+already sharded folder as it is (no resaving); ``--no-loaders`` leaves out the two rows that load the whole
+model (for checkpoints larger than memory allows twice).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -38,9 +42,10 @@ model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 config = json.loads((Path(src) / "config.json").read_text())
 plan = plan_bake([patch_from_bytes(Path(patch).read_bytes())], architecture_for(model.config), config)
 sd = model.state_dict()
-baked = {k: bake_tensor(k, v, plan, sd.__getitem__) for k, v in sd.items()}
+read = lambda k: sd[k].float()
+baked = {k: bake_tensor(k, v.float(), plan, read).to(v.dtype) for k, v in sd.items()}
 for name, w in plan.new.items():
-    baked[name] = bake_tensor(name, torch.zeros(sd[w].shape[0], dtype=sd[w].dtype), plan, sd.__getitem__)
+    baked[name] = bake_tensor(name, torch.zeros(sd[w].shape[0]), plan, read).to(sd[w].dtype)
 for flag in plan.flags:
     setattr(model.config, flag, True)
 model.save_pretrained(out, state_dict=baked)
@@ -75,6 +80,8 @@ def one(cmd: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--src", default=None, help="An already sharded model folder to bake as it is.")
+    ap.add_argument("--no-loaders", action="store_true", help="Leave out from_pretrained and PEFT.")
     ap.add_argument("--patch", default=None, help="A bakeable patch for the model (default: build one).")
     ap.add_argument("--shard-size", default="200MB")
     ap.add_argument("--repeat", type=int, default=1)
@@ -90,15 +97,17 @@ def main() -> None:
 
     py = sys.executable
     work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-bake-"))
+    load = [os.getloadavg()[0]]
     try:
-        src = work / "src"
-        model = args.model or str(default_model_dir())
+        src = Path(args.src) if args.src else work / "src"
+        model = args.src or args.model or str(default_model_dir())
         save = (
             "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
             "m.save_pretrained(sys.argv[2], max_shard_size=sys.argv[3]); AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
         )
-        subprocess.run([py, "-c", save, model, str(src), args.shard_size], check=True)
+        if not args.src:
+            subprocess.run([py, "-c", save, model, str(src), args.shard_size], check=True)
         patch = args.patch
         if patch is None:
             patch = str(work / "patch.safetensors")
@@ -129,20 +138,23 @@ def main() -> None:
                 str(args.lora_rank),
             ],  # fmt: skip
             "cp -r": lambda o: ["cp", "-r", str(src), o],
-            "start-up alone (python, thoughtpatch.cli, torch)": lambda o: [
+            "start-up alone (python, thoughtpatch.cli, numpy, safetensors)": lambda o: [
                 py,
                 "-c",
-                "import thoughtpatch.cli, torch; import os; os.mkdir(os.sys.argv[1])",
+                "import thoughtpatch.cli, numpy, safetensors; import os; os.mkdir(os.sys.argv[1])",
                 o,
             ],
             "cp -r + sync": lambda o: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(src), o],
         }
+        if args.no_loaders:
+            runs = {k: v for k, v in runs.items() if not k.startswith(("from_pretrained", "peft"))}
         results: dict[str, list[dict]] = {k: [] for k in runs}
         for r in range(args.repeat):
             for name, cmd in runs.items():  # interleaved, so that machine load affects all alike
                 out = work / f"out-{r}-{len(results[name])}-{abs(hash(name)) % 1000}"
                 results[name].append(one(cmd(str(out))))
                 shutil.rmtree(out)
+                load.append(os.getloadavg()[0])
         rows = {
             k: {
                 "seconds": round(statistics.median(x["seconds"] for x in v), 2),
@@ -162,7 +174,9 @@ def main() -> None:
             "rss_over_largest_shard": round(ours["peak_rss_mb"] / largest, 2),
             "time_over_cp": round(ours["seconds"] / cp["seconds"], 2),
             "time_over_cp_sync": round(ours["seconds"] / cps["seconds"], 2),
-            "machine": f"{platform.machine()}, {platform.python_version()}",
+            "machine": f"{platform.machine()}, {platform.python_version()}, {os.cpu_count()} CPUs",
+            "load_average": [round(min(load), 1), round(max(load), 1)],
+            "date": time.strftime("%Y-%m-%d"),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -170,7 +184,7 @@ def main() -> None:
         print(json.dumps(doc, indent=2))
         return
     print(f"{doc['checkpoint_mb']} MB checkpoint in {doc['shards']} shards (largest {doc['largest_shard_mb']} MB), "
-          f"median of {args.repeat}\n")  # fmt: skip
+          f"median of {args.repeat}; {doc['date']}, {doc['machine']}, load average {doc['load_average']}\n")  # fmt: skip
     print("| run | seconds | peak RSS (MB) | RSS / largest shard | time / cp | time / (cp + sync) |")
     print("|---|---|---|---|---|---|")
     for k, r in rows.items():

@@ -29,8 +29,10 @@ block form is a config option (GPT-NeoX ``use_parallel_residual``, Falcon ``para
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 from .errors import UsageError
 

@@ -13,11 +13,12 @@ Every bakeable part folds exactly into standard weights. Per block, with ``W`` i
 
 Patches installed together run in order (the first patch's hook first), so they fold last to first:
 the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float32 (float64 for float64
-tensors) and is cast back to each tensor's dtype. Biases a family only has behind a config flag are created (zeros where the patch puts
+tensors) and is cast back to each tensor's dtype: in numpy on the CPU (torch is not imported), on torch tensors
+with ``device="cuda"``, one code for both. Biases a family only has behind a config flag are created (zeros where the patch puts
 nothing) and the flag is turned on; a family without such a flag refuses, as do query-dependent parts
 and patches that leave leading tokens unpatched: weights cannot express them.
 
-Streaming (:func:`bake_checkpoint`): every shard is checked with ``safetensors.safe_open`` before anything
+Streaming (:func:`bake_checkpoint`): every shard is checked (``safetensors.safe_open``) before anything
 is written, then rewritten one at a time: bytes of the tensors no patch touches are copied unchanged (in the
 kernel), each touched tensor is read, baked and written on its own, shards with nothing to change are copied
 whole, new biases go into their weight's shard. Everything is written into a temporary folder next to the target and
@@ -35,17 +36,18 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from . import __version__
 from .architectures import Architecture, architecture_for
 from .errors import UsageError
+from .files import array_from_bytes, array_to_bytes
 from .patch import LayerPatch, Patch, validate_for
 
 __all__ = [
@@ -61,7 +63,7 @@ __all__ = [
 
 ALTERNATIVES = "keep it in memory (thoughtpatch apply --prompt) or export it (thoughtpatch export)"
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = ("F64", "F32", "F16", "BF16")
 _CHUNK = 16 << 20
 
 
@@ -203,56 +205,79 @@ def _mlp_input_tensors(arch: Architecture, pre: str, headers: dict[str, dict]) -
     return found
 
 
-def _times_map(w: Tensor, a: Tensor | None, heads: int, head_dim: int) -> Tensor:
+def _calc(a: np.ndarray, device: str = "cpu"):
+    """A stored tensor as the math runs on it: float32 (float64 kept), numpy on the CPU, else torch on ``device``."""
+    a = a.astype(np.float64 if a.dtype == np.float64 else np.float32, copy=False)
+    if device == "cpu":
+        return a
+    import torch
+
+    return torch.from_numpy(np.array(a)).to(device)
+
+
+def _cast(a, like):
+    """A patch part (numpy or torch) as an array of ``like``'s kind, dtype and device."""
+    if isinstance(like, np.ndarray):
+        return (a if isinstance(a, np.ndarray) else a.detach().cpu().double().numpy()).astype(like.dtype, copy=False)
+    import torch
+
+    return (torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a).to(like)
+
+
+def _times_map(w, a, plan: BakePlan):
     """``W D`` for the block-diagonal per-head map ``D`` (``a``: (H, hd, hd) or a scalar per head)."""
-    if a is None:
-        return torch.zeros_like(w)
-    a = a.to(w)
-    if a.dim() == 1:
-        return w * a.repeat_interleave(head_dim)
-    return (w.unflatten(1, (heads, head_dim)).transpose(0, 1) @ a).transpose(0, 1).flatten(1)
+    a, h = _cast(a, w), w.reshape(w.shape[0], plan.heads, plan.head_dim)
+    if a.ndim == 1:
+        return (h * a[:, None]).reshape(w.shape)
+    return (h.swapaxes(0, 1) @ a).swapaxes(0, 1).reshape(w.shape)
 
 
-def _times_matrix(w: Tensor, lp: LayerPatch, plan: BakePlan) -> Tensor:
+def _times_matrix(w, lp: LayerPatch, plan: BakePlan):
     """``W B A^T``: through the factors when the rank is low, else through ``M = B A^T`` (kept for the block's
     next MLP input matrix)."""
-    a, b = lp.matrix_a.to(w), lp.matrix_b.to(w)
+    a, b = _cast(lp.matrix_a, w), _cast(lp.matrix_b, w)
     if 2 * a.shape[1] < a.shape[0]:
         return (w @ b) @ a.T
-    key = (id(lp), w.dtype, w.device)
+    key = (id(lp), str(w.dtype), str(getattr(w, "device", "cpu")))
     if key not in plan.cache:
         plan.cache = {key: b @ a.T}  # one matrix at a time
     return w @ plan.cache[key]
 
 
-def bake_tensor(name: str, tensor: Tensor, plan: BakePlan, read: Callable[[str], Tensor]) -> Tensor:
-    """The baked value of one checkpoint tensor (``read(name)`` gives another original tensor: a bias's weight)."""
+def bake_tensor(name: str, x, plan: BakePlan, read: Callable[[str], object]):
+    """The baked value of one checkpoint tensor ``x`` (float32 or float64, numpy or torch: the result is the
+    same kind); ``read(name)`` gives another original tensor (a bias's weight)."""
     role = plan.roles.get(name)
     if role is None:
-        return tensor
+        return x
     kind, i = role
-    calc = dict(device=plan.device, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
     flip = plan.transposed and kind.endswith("weight")
-    x = tensor.to(**calc)
     x = x.T if flip else x
     w_o = None
     if kind == "o.bias":
-        w_o = read(name.removesuffix("bias") + "weight").to(**calc)
+        w_o = _cast(read(name.removesuffix("bias") + "weight"), x)
         w_o = w_o.T if plan.transposed else w_o
     for lp, placement in plan.layers[i]:
-        if kind == "o.weight":
-            x = x + _times_map(x, lp.attn_weight, plan.heads, plan.head_dim)
+        if kind == "o.weight" and lp.attn_weight is not None:
+            x = x + _times_map(x, lp.attn_weight, plan)
         elif kind == "mlp_in.weight" and lp.matrix_a is not None:
             x = x + _times_matrix(x, lp, plan)
         elif kind == "o.bias":
             if lp.attn_bias is not None:
-                x = x + w_o @ lp.attn_bias.to(x)
+                x = x + w_o @ _cast(lp.attn_bias, x)
             if lp.vector is not None and placement == "attn_out":
-                x = x + lp.vector.to(x) / plan.branch_scale
-            w_o = w_o + _times_map(w_o, lp.attn_weight, plan.heads, plan.head_dim)
+                x = x + _cast(lp.vector, x) / plan.branch_scale
+            if lp.attn_weight is not None:
+                w_o = w_o + _times_map(w_o, lp.attn_weight, plan)
         elif kind == "down.bias" and lp.vector is not None and placement == "skip":
-            x = x + lp.vector.to(x) / plan.branch_scale
-    return (x.T if flip else x).to(device="cpu", dtype=tensor.dtype).contiguous()
+            x = x + _cast(lp.vector, x) / plan.branch_scale
+    return x.T if flip else x
+
+
+def _bake_stored(name: str, a: np.ndarray, dtype: str, plan: BakePlan, read: Callable[[str], np.ndarray]):
+    """Bake one tensor as stored (``a``, ``read``: numpy as read from the shards); the array to write."""
+    x = bake_tensor(name, _calc(a, plan.device), plan, lambda n: _calc(read(n), plan.device))
+    return array_to_bytes(x if isinstance(x, np.ndarray) else x.cpu().numpy(), dtype)
 
 
 def model_card(records: list[dict], base: str, flags: list[str]) -> str:
@@ -318,7 +343,7 @@ def _header(path: Path) -> tuple[dict, int]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), "pt"):
+        with safe_open(str(path), "numpy"):
             pass
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -404,6 +429,12 @@ def _write(fd: int, data) -> int:
     return done
 
 
+def _put(fin: int, fout: int, start: int, length: int, data) -> None:
+    """Copy ``length`` untouched bytes, then write ``data``."""
+    _copy_range(fin, fout, start, length)
+    _write(fout, data)
+
+
 def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan, adds: list[str], headers, read) -> int:
     """Rewrite one shard: untouched bytes copied, touched tensors baked, ``adds`` (new biases) appended."""
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
@@ -412,28 +443,31 @@ def _write_shard(src: Path, out: Path, header: dict, start: int, plan: BakePlan,
     new_tensors = {}
     for name in adds:
         w = headers[plan.new[name]]
-        t = bake_tensor(name, torch.zeros(w["shape"][0], dtype=_DTYPES[w["dtype"]]), plan, read)
-        new_tensors[name] = t
-        n = t.numel() * t.element_size()
+        zeros = np.zeros(w["shape"][0], np.float64 if w["dtype"] == "F64" else np.float32)
+        t = new_tensors[name] = _bake_stored(name, zeros, w["dtype"], plan, read)
+        n = t.nbytes
         new_header[name] = {"dtype": w["dtype"], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
         pos += n
     head = json.dumps(new_header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     fin, fout = os.open(src, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        _write(fout, struct.pack("<Q", len(head)) + head)
-        done = 0  # data bytes copied or written so far
-        for name in names:
-            a, b = header[name]["data_offsets"]
-            if name not in plan.roles:
-                continue
-            _copy_range(fin, fout, start + done, a - done)
-            _write(fout, bake_tensor(name, read(name), plan, read).reshape(-1).view(torch.uint8).numpy())
-            done = b
+        # One thread writes (in file order) while this one bakes the next tensor: at most two in memory.
+        with ThreadPoolExecutor(1, thread_name_prefix="thoughtpatch-write") as io:
+            job = io.submit(_write, fout, struct.pack("<Q", len(head)) + head)
+            done = 0  # data bytes copied or handed to the writer so far
+            for name in names:
+                a, b = header[name]["data_offsets"]
+                if name not in plan.roles:
+                    continue
+                baked = _bake_stored(name, read(name), header[name]["dtype"], plan, read)
+                job.result()
+                job = io.submit(_put, fin, fout, start + done, a - done, baked)
+                done = b
+            job.result()
         _copy_range(fin, fout, start + done, end - done)
         for t in new_tensors.values():
-            _write(fout, t.reshape(-1).view(torch.uint8).numpy())
-        os.fsync(fout)
+            _write(fout, t)
     finally:
         os.close(fin)
         os.close(fout)
@@ -482,21 +516,21 @@ def bake_checkpoint(
     return summary | {"biases_added": len(plan.new), "flags_turned_on": plan.flags}
 
 
-def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, int]]) -> Callable[[str], Tensor]:
-    """``read(name)``: one original tensor, read into its own memory (freed once baked; no mapped shard grows)."""
+def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, int]]) -> Callable[[str], np.ndarray]:
+    """``read(name)``: one original tensor as a numpy array in its own memory (freed once baked; no mapped shard
+    grows; bfloat16 comes as float32)."""
 
-    def read(name: str) -> Tensor:
+    def read(name: str) -> np.ndarray:
         f = shard_of[name]
         header, start = parsed[f]
         h = header[name]
         a, b = h["data_offsets"]
-        buf = bytearray(b - a)
+        buf = np.empty(b - a, np.uint8)  # not zeroed: every byte is read into
         with open(src / f, "rb") as fh:
             fh.seek(start + a)
             if fh.readinto(buf) != len(buf):
                 raise UsageError(f"{src / f}: ends early")
-        dtype = _DTYPES[h["dtype"]]
-        return torch.frombuffer(buf, dtype=dtype).reshape(h["shape"]) if buf else torch.zeros(h["shape"], dtype=dtype)
+        return array_from_bytes(buf, h["dtype"], h["shape"])
 
     return read
 

@@ -66,6 +66,7 @@ StorePrompt = Annotated[
     bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the output's metadata.")
 ]
 Output = Annotated[str, typer.Option("--output", "-o", help="File to write (- for stdout).")]
+Plot = Annotated[str | None, typer.Option(help="Also draw the report into this PNG file (needs matplotlib).")]
 # Condensation options, shared by condense and transmute (None: the mode's default).
 Mode = Annotated[str, typer.Option(help="Preset: best (default), bakeable or compact; options below override it.")]
 Attn = Annotated[str | None, typer.Option(help="Per-head map of the attention output: full, scalar or none.")]
@@ -111,8 +112,9 @@ def _warn(message, category, *args, **kwargs) -> None:
     err.print(f"thoughtpatch: warning: {message}", markup=False, soft_wrap=True)
 
 
-def _setup(quiet: bool, output: str | None = None) -> None:
-    """Logging and warnings for a command; its output path is checked before any work."""
+def _setup(quiet: bool, output: str | None = None, models: bool = True) -> None:
+    """Logging and warnings for a command; its output path is checked before any work (``models=False``: the
+    command loads no model, so transformers is not imported)."""
     import warnings
 
     from .errors import IllConditionedWarning
@@ -124,7 +126,7 @@ def _setup(quiet: bool, output: str | None = None) -> None:
     warnings.showwarning = _warn
     warnings.simplefilter("default", IllConditionedWarning)
     set_quiet(_quiet)
-    if quiet or not sys.stderr.isatty():
+    if models and (quiet or not sys.stderr.isatty()):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging
 
@@ -178,6 +180,22 @@ def _one_stdin(*paths: str | None) -> None:
     """At most one input may be read from stdin."""
     if sum(p == "-" for p in paths) > 1:
         raise UsageError("only one input can be - (stdin) per command")
+
+
+def _check_plot(plot: str | None) -> None:
+    """A --plot file that can be written, and matplotlib, checked before any work."""
+    import importlib.util
+
+    from .files import check_output
+
+    if plot == "-":
+        raise UsageError("--plot needs a file name (a PNG does not go to stdout)")
+    try:
+        check_output(plot)
+    except UsageError as exc:
+        raise UsageError(f"--plot {str(exc).removeprefix('output ')}") from None
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'thoughtpatch[plot]'")
 
 
 def _stdout_once(json_out: bool, output: str | None) -> None:
@@ -542,14 +560,14 @@ def apply(
 ) -> None:
     """Generate with patches installed (greedy, the chat template applied as for any user turn), or bake them
     into a new checkpoint with --save."""
-    _setup(quiet)
+    _setup(quiet, models=not save)
     if bool(prompt) == bool(save):
         raise UsageError("give --prompt (generate with the patches in memory) or --save DIR (bake them), one of them")
     if patch_files.count("-") > 1:
         raise UsageError("only one patch can come from stdin (-)")
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    read = [_read_patch_bytes(f) for f in patch_files]
+    read = [_read_patch_bytes(f, numpy=bool(save) and device == "cpu") for f in patch_files]
     patches = [p for p, _ in read]
     base = model or patches[0].meta.get("base_model")
     if save:
@@ -568,15 +586,15 @@ def apply(
         sys.stdout.write("\n".join(answers) + "\n")
 
 
-def _read_patch_bytes(path: str):
-    """A patch and the sha256 of its file's bytes."""
+def _read_patch_bytes(path: str, numpy: bool = False):
+    """A patch and the sha256 of its file's bytes (``numpy``: parts as numpy arrays, for baking on the CPU)."""
     import hashlib
 
     from .files import read_bytes
     from .patch import patch_from_bytes
 
     data = read_bytes(path, "patch")
-    return patch_from_bytes(data, f"patch {path}"), hashlib.sha256(data).hexdigest()
+    return patch_from_bytes(data, f"patch {path}", numpy), hashlib.sha256(data).hexdigest()
 
 
 def _bake(files: list[str], read: list, base: str | None, save: str, scale: float, device: str, json_out: bool):
@@ -584,8 +602,8 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     from pathlib import Path
 
     from .bake import bake_checkpoint, config_view, patch_record
-    from .formats import check_fingerprint
     from .models import DEFAULT_MODEL, default_model_dir, resolve_device
+    from .schema import check_fingerprint
 
     with spinner("preparing the default model"):
         folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
@@ -598,7 +616,13 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     log(f"baking {len(patches)} patch(es) into a copy of {folder.name}: {save}")
     with progress("bake (shards)", None) as step:
         summary = bake_checkpoint(
-            folder, save, patches, records, device=str(resolve_device(device)), log=log, progress=step
+            folder,
+            save,
+            patches,
+            records,
+            device=device if device == "cpu" else str(resolve_device(device)),
+            log=log,
+            progress=step,
         )
     _report(summary, json_out, None, "baked checkpoint")
 
@@ -672,9 +696,7 @@ def eval_(
     ] = None,
     answer_tokens: AnswerTokens = 8,
     caa: Annotated[bool, typer.Option("--caa/--no-caa", help="Tune and score the CAA baseline.")] = True,
-    plot: Annotated[
-        str | None, typer.Option(help="Also write a PNG of KL and top-1 agreement per method (needs matplotlib).")
-    ] = None,
+    plot: Plot = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     dtype: Dtype = "float32",
@@ -689,6 +711,7 @@ def eval_(
     from .pipeline import run_eval
     from .prompts import load_probes, load_prompt
 
+    _check_plot(plot)
     _setup(quiet)
     if answer_tokens < 1:
         raise UsageError("--answer-tokens must be >= 1")
@@ -820,6 +843,7 @@ def merge(
     epilog="Examples:\n\n"
     "  thoughtpatch diff a.safetensors b.safetensors              (patch vs patch)\n\n"
     "  thoughtpatch diff a.safetensors --prompts asks.txt --json  (patch vs its base model, with KL)\n\n"
+    "  thoughtpatch diff a.safetensors b.safetensors --plot ab.png  (per-block figure)\n\n"
     "  thoughtpatch diff ./base-model ./tuned-model -o tuned.safetensors --rank 16   (model vs model)"
 )
 def diff(
@@ -836,6 +860,7 @@ def diff(
         typer.Option("--output", "-o", help="Model vs model: write a low-rank patch of the MLP-input changes."),
     ] = None,
     rank: Annotated[int | None, typer.Option(help="Model vs model: rank of that patch (default: numerical).")] = None,
+    plot: Plot = None,
     chat: Chat = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
@@ -846,6 +871,7 @@ def diff(
     """Compare patches and models: patch vs patch, patch vs base model, model folder vs model folder."""
     from pathlib import Path
 
+    _check_plot(plot)  # before torch is imported: a bad path fails at once
     from . import compare
 
     _setup(quiet)
@@ -887,6 +913,12 @@ def diff(
 
             asks = [free_ids(lm.tokenizer, q, chat) for q in load_probes(prompts)]
             doc["functional"] = compare.functional_diff(lm.model, patch, asks)
+    if plot:
+        from .files import write_bytes
+        from .plots import diff_png
+
+        write_bytes(plot, diff_png(doc, f"{first} vs {second or 'its base model'}"))
+        doc["plot"] = plot
     if json_out:
         _emit_json(doc)
     else:

@@ -319,7 +319,7 @@ def export_patch(
         name = module + ".weight"
         if name not in shard_of:
             raise UsageError(f"{src}: checkpoint has no tensor {name!r}")
-        w = read(name).float()
+        w = torch.from_numpy(read(name)).float()
         if progress:
             progress(1)
         return w.T if arch.transposed else w

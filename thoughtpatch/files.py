@@ -14,11 +14,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from safetensors.torch import load as st_load
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "check_output",
@@ -29,6 +31,8 @@ __all__ = [
     "split_header",
     "join_header",
     "new_folder",
+    "array_from_bytes",
+    "array_to_bytes",
 ]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
@@ -78,14 +82,14 @@ def read_bytes(path: str | Path, what: str) -> bytes:
 
 
 _DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
@@ -95,12 +99,18 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     Tensors are laid out in name order and the JSON header has sorted keys (the safetensors library
     itself orders metadata by hash, which differs from run to run).
     """
+    import torch
+
     header: dict[str, object] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
     blobs, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": _DTYPES[str(t.dtype).removeprefix("torch.")],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         blobs.append(raw)
         offset += len(raw)
     return join_header(header, b"".join(blobs))
@@ -154,22 +164,56 @@ def _check_entries(header: dict, body: int, what: str) -> None:
             )
 
 
-def load_tensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(data: bytes, what: str, numpy: bool = False) -> tuple[dict, dict[str, str]]:
     """Parse safetensors bytes after checking the header; a clear error for anything malformed.
 
     Declared sizes are compared with the bytes actually present before anything is allocated, so a file
-    that claims huge tensors is refused without reading further.
+    that claims huge tensors is refused without reading further. ``numpy``: read-only numpy arrays over
+    ``data`` itself (no copy, no torch; bfloat16 comes as float32) instead of torch tensors.
     """
     header, body = split_header(data, what)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{what}: metadata must map strings to strings")
     _check_entries(header, len(body), what)
+    if numpy:
+        view = memoryview(data)[len(data) - len(body) :]
+        tensors = {
+            k: array_from_bytes(view[e["data_offsets"][0] : e["data_offsets"][1]], e["dtype"], e["shape"])
+            for k, e in header.items()
+            if k != "__metadata__"
+        }
+        return tensors, meta
+    from safetensors.torch import load as st_load
+
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise UsageError(f"{what}: corrupt safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, meta
+
+
+_NUMPY = {v: k.replace("bfloat16", "uint16") for k, v in _DTYPES.items()}  # safetensors -> numpy (bf16 as bits)
+
+
+def array_from_bytes(raw, dtype: str, shape: list[int]) -> np.ndarray:
+    """A safetensors tensor's bytes as a numpy array over them (bfloat16 widened, exactly, to float32)."""
+    import numpy as np
+
+    a = np.frombuffer(raw, _NUMPY[dtype]).reshape(shape)
+    return (a.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else a
+
+
+def array_to_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` cast to a safetensors dtype, as a contiguous array to write (bfloat16: round to nearest even,
+    as torch does; NaN stays NaN)."""
+    import numpy as np
+
+    if dtype != "BF16":
+        return np.ascontiguousarray(x, _NUMPY[dtype])
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(u.view(np.float32)), np.uint16(0x7FC0), r)
 
 
 @contextmanager

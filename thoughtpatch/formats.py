@@ -18,7 +18,7 @@ from .errors import UsageError
 from .extract import Updates
 from .files import load_tensors, save_tensors
 from .prompts import TokenPairs
-from .schema import TEXT, Schema, check_meta, fingerprint_field, natural, one_of
+from .schema import TEXT, Schema, check_fingerprint, check_meta, fingerprint, fingerprint_field, natural, one_of
 
 __all__ = [
     "UPDATES_FORMAT",
@@ -32,29 +32,6 @@ __all__ = [
 
 UPDATES_FORMAT = "thoughtpatch.updates"
 UPDATES_VERSION = "1"
-
-
-def fingerprint(config) -> dict[str, object]:
-    """What a patch must match in a model: architecture and sizes."""
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-    return {
-        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
-        "model_type": config.model_type,
-        "hidden_size": int(config.hidden_size),
-        "num_layers": int(config.num_hidden_layers),
-        "vocab_size": int(config.vocab_size),
-        "intermediate_size": int(inter) if inter else None,
-    }
-
-
-def check_fingerprint(meta: dict[str, str], config, what: str) -> None:
-    """Refuse a file made for another model (architecture or sizes differ)."""
-    theirs = json.loads(meta.get("fingerprint", "{}"))
-    ours = fingerprint(config)
-    diff = [k for k in ours if k in theirs and theirs[k] != ours[k]]
-    if diff:
-        k = diff[0]
-        raise UsageError(f"{what} was made for another model: {k} is {theirs[k]} there but {ours[k]} here")
 
 
 def tokenizer_sha256(tokenizer) -> str:

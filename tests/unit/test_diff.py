@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image as mpimg
 import pytest
 import torch
 from conftest import run_cli
+from matplotlib import pyplot as plt
 
 from thoughtpatch import load_model
 from thoughtpatch.algebra import merge
@@ -14,6 +16,7 @@ from thoughtpatch.apply import installed
 from thoughtpatch.bake import bake_checkpoint, patch_record
 from thoughtpatch.compare import diff_patch_model, diff_patches, effective_rank, functional_diff
 from thoughtpatch.patch import LayerPatch, Patch, patch_from_bytes
+from thoughtpatch.plots import diff_figure
 from thoughtpatch.prompts import free_ids
 
 
@@ -89,15 +92,40 @@ def test_patch_vs_patch():
     assert abs(rows[0]["effective_rank_a"] - effective_rank(a.layers[0].matrix())) < 1e-12
     assert 1 < rows[0]["effective_rank_a"] <= 3
     assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
+    # the figure: a panel per quantity the report has per block, then the principal angles
+    fig = diff_figure(diff_patches(a, b))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "thought vector", "thought matrix", "attention map", "agreement (1: the same)", "difference",
+        "effective rank of the thought matrix", "principal angles, matrix write spaces",
+    ]  # fmt: skip
+    assert [len(ax.lines) for ax in fig.axes[:6]] == [2, 2, 2, 3, 2, 2] and len(
+        fig.axes[6].collections[0].get_offsets()
+    ) == 3
+    plt.close(fig)
+    only_vectors = Patch({0: LayerPatch(vector=r(16))})
+    fig = diff_figure(diff_patches(only_vectors, only_vectors))
+    assert [ax.get_title() for ax in fig.axes] == ["thought vector", "agreement (1: the same)"]
+    plt.close(fig)
+
+
+def _png_size(path) -> tuple[int, int]:
+    """Width and height of a PNG file, read back with matplotlib (which refuses anything but a whole PNG)."""
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+    h, w, _ = mpimg.imread(path).shape
+    return w, h
 
 
 def test_patch_vs_model_functional(changed, recovered, tmp_path, tiny_dir):
     base_dir, out = changed[0], recovered[1]
     (tmp_path / "asks.txt").write_text("the lazy dog\nWhat is the capital of France?\n")
-    r = run_cli("diff", str(out), "--prompts", str(tmp_path / "asks.txt"), "--json", "-q")
+    png = tmp_path / "pm.png"
+    r = run_cli("diff", str(out), "--prompts", str(tmp_path / "asks.txt"), "--json", "-q", "--plot", str(png))
     assert r.returncode == 0, r.stderr.decode()
     doc = json.loads(r.stdout)
-    assert doc["kind"] == "patch_vs_model" and len(doc["layers"]) == 3
+    assert doc["kind"] == "patch_vs_model" and len(doc["layers"]) == 3 and doc["plot"] == str(png)
+    assert _png_size(png) == (2 * 484, 363)  # two panels (weight change, KL per prompt), 4.4 x 3.3 in at 110 dpi
     f = doc["functional"]
     assert f["prompts"] == 2 and f["kl"] > 0 and 0 <= f["top1"] <= 1
     lm = load_model(str(base_dir))
@@ -106,5 +134,12 @@ def test_patch_vs_model_functional(changed, recovered, tmp_path, tiny_dir):
     assert functional_diff(lm.model, merge([patch, patch], [1.0, -1.0]), asks)["kl"] == 0.0
     r = run_cli("diff", str(base_dir), str(tiny_dir("gpt2")), "-o", str(out))
     assert r.returncode == 2 and "differ in architecture" in r.stderr.decode() and patch_from_bytes(out.read_bytes())
-    r = run_cli("diff", str(out), str(out))  # the human-readable table
+    r = run_cli("diff", str(out), str(out), "--plot", str(tmp_path / "pp.png"))  # the human-readable table
     assert r.returncode == 0 and "patch vs patch" in r.stdout.decode() and "write_overlap" in r.stdout.decode()
+    assert _png_size(tmp_path / "pp.png") == (3 * 484, 2 * 363)  # matrix norm, agreement, difference, rank, angles
+    for bad in (str(tmp_path / "no" / "x.png"), "-"):
+        r = run_cli("diff", str(out), str(out), "--plot", bad)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.startswith("thoughtpatch: error: ") and len(err.splitlines()) == 1
+        assert err.startswith("thoughtpatch: error: --plot") and r.stdout == b""
+    assert not (tmp_path / "no").exists()
