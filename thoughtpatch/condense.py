@@ -598,7 +598,8 @@ def _slots(blk: Block, chunks: list[_Chunk], pos: Positions, keys, values, first
     finally:
         del blk.attention._thoughtpatch_record
     scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
-    _, slots = fit_slots(gather_rows(qs), gather_rows(shares), keys, values, scaling, m, cfg.kv_ridge, first)
+    q, share = gather_rows(qs), gather_rows(shares)
+    _, slots = fit_slots(lambda: [(q, share)], keys, values, scaling, m, cfg.kv_ridge, first)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 

@@ -17,7 +17,7 @@ otherwise calls the model's own implementation unchanged.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -146,60 +146,58 @@ def prefix_share(query: Tensor, keys: Tensor, own_scores: Tensor, scaling: float
     return torch.sigmoid(pre.logsumexp(-1) - own_scores.logsumexp(-1))
 
 
-def _probs(q: Tensor, keys: Tensor, scaling: float) -> Iterator[tuple[slice, Tensor]]:
-    """Row blocks of each row's attention over the prefix keys: (KVH, rows x group, L), float64."""
+Rows = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over (query rows (R, H, hd), share (R, H))
+
+
+def _probs(rows: Rows, keys: Tensor, scaling: float) -> Iterator[tuple[Tensor, Tensor]]:
+    """Blocks of rows: each row's attention over the prefix keys (KVH, rows x group, L) and its weight (the
+    prefix's share of its mass, (KVH, rows x group)), float64."""
     kvh = keys.shape[0]
-    g = q.shape[1] // kvh
-    for start in range(0, q.shape[0], ROWS):
-        blk = q[start : start + ROWS].double().unflatten(1, (kvh, g)).movedim(0, 1).flatten(1, 2)  # (KVH, r g, hd)
-        yield slice(start, start + ROWS), ((blk @ keys.double().transpose(-1, -2)) * scaling).softmax(-1)
-
-
-def _per_kv(share: Tensor, rows: slice, kvh: int) -> Tensor:
-    return share[rows].double().unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, r g)
+    for q, share in rows():
+        for start in range(0, q.shape[0], ROWS):
+            qb, sb = q[start : start + ROWS].double(), share[start : start + ROWS].double()
+            qb = qb.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, r g, hd)
+            sb = sb.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)
+            yield ((qb @ keys.double().transpose(-1, -2)) * scaling).softmax(-1), sb
 
 
 def fit_slots(
-    q: Tensor, share: Tensor, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0
+    rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0
 ) -> tuple[Tensor, Slots]:
     """Pick and fit ``m`` slots per key/value head from the prefix's ``keys`` and ``values`` (KVH, L, hd).
 
-    ``q`` (R, H, hd): the query rows the slots will serve; ``share`` (R, H): the prefix's share of each
-    row's mass. Slots are the tokens with the most mass (weighted by share); then their log-multiplicities
-    ``b`` make them carry the prefix's mass (sum_j e^b_j p_rj ~ 1 over the rows) and their values its mean
-    value, both by weighted ridge least squares shrunk toward the plain selection (``b = 0``, the tokens' own
-    values), ``ridge`` relative to the Gram matrix's mean diagonal. ``first``: the position of the first key.
-    Returns the indices (KVH, m) and slots.
+    ``rows()``: the query rows the slots will serve, (R, H, hd), with the prefix's share of each row's mass,
+    (R, H), in pieces (three passes; only additive statistics are kept). Slots are the tokens with the most
+    mass (weighted by share); then their log-multiplicities ``b`` make them carry the prefix's mass
+    (sum_j e^b_j p_rj ~ 1 over the rows) and their values its mean value, both by weighted ridge least squares
+    shrunk toward the plain selection (``b = 0``, the tokens' own values), ``ridge`` relative to the Gram
+    matrix's mean diagonal. ``first``: the position of the first key. Returns the indices (KVH, m) and slots.
     """
     kvh = keys.shape[0]
-    mass = sum((p * _per_kv(share, rows, kvh)[..., None]).sum(1) for rows, p in _probs(q, keys, scaling))
+    mass = sum((p * w[..., None]).sum(1) for p, w in _probs(rows, keys, scaling))
     idx = mass.topk(min(m, keys.shape[1]), -1).indices.sort(-1).values
     at = (idx + first).to(keys.dtype)
     if idx.shape[1] == keys.shape[1]:  # every token kept: the prefix itself, nothing to fit
         return idx, Slots(keys, values, None, at)
     eye = torch.eye(idx.shape[1], dtype=torch.float64)
 
-    def solve(stats: list[tuple[Tensor, Tensor]], prior: Tensor) -> Tensor:
-        g, h = (sum(t) for t in zip(*stats, strict=True))
+    def solve(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], prior: Tensor) -> Tensor:
+        g = h = 0
+        for p, w in _probs(rows, keys, scaling):
+            w = w.sqrt()[..., None]
+            x = features(p.gather(2, idx[:, None, :].expand(-1, p.shape[1], -1))) * w
+            g, h = g + x.transpose(-1, -2) @ x, h + x.transpose(-1, -2) @ (target(p) * w)
         lam = ridge * torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)[:, None, None]
         return torch.linalg.solve(g + lam * eye, h + lam * prior)
 
-    def sweep(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor]) -> list:
-        out = []
-        for rows, p in _probs(q, keys, scaling):
-            w = _per_kv(share, rows, kvh).sqrt()[..., None]
-            x = features(p.gather(2, idx[:, None, :].expand(-1, p.shape[1], -1))) * w
-            out.append((x.transpose(-1, -2) @ x, x.transpose(-1, -2) @ (target(p) * w)))
-        return out
-
     ones = torch.ones(kvh, idx.shape[1], 1, dtype=torch.float64)
-    c = solve(sweep(lambda ps: ps, lambda p: torch.ones_like(p[..., :1])), ones)[..., 0].clamp_min(1e-3)
+    c = solve(lambda ps: ps, lambda p: torch.ones_like(p[..., :1]), ones)[..., 0].clamp_min(1e-3)
 
     def normalised(ps: Tensor) -> Tensor:
         w = ps * c[:, None, :]
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
-    v = solve(sweep(normalised, lambda p: p @ values.double()), gather(values.double(), idx))
+    v = solve(normalised, lambda p: p @ values.double(), gather(values.double(), idx))
     return idx, Slots(gather(keys, idx), v.to(values.dtype), c.log().to(values.dtype), at)
 
 
