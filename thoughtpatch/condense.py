@@ -14,19 +14,16 @@ correct the errors of earlier ones; the parallel one fits every block from the e
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
-from .distributed import shard, world
+from .distributed import shard, share
 from .engine import (
     Block,
     StopBlock,
@@ -43,6 +40,7 @@ from .engine import (
 )
 from .errors import IllConditionedWarning, UsageError, require_finite
 from .extract import Updates, detect_sinks
+from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
 
@@ -413,34 +411,6 @@ def _method_meta(cfg: CondenseConfig, energies: list[float]) -> dict[str, str]:
     return meta
 
 
-class _Spill:
-    """Per-chunk tensors kept in a temporary folder between uses, read back with plain reads (never mapped),
-    so memory holds one chunk's worth whatever the number of probes. The caller removes the folder."""
-
-    def __init__(self, folder: str, device: torch.device):
-        self.folder, self.device = Path(folder), device
-
-    def put(self, key: str, n: int, value: dict[str, Tensor]) -> None:
-        torch.save(value, self.folder / f"{key}-{n}.pt")
-
-    def get(self, key: str, n: int) -> dict[str, Tensor]:
-        return torch.load(self.folder / f"{key}-{n}.pt", map_location=self.device, weights_only=True)
-
-    def share(self, key: str, mine: list[int], total: int) -> None:
-        """Under torchrun, give every rank every other rank's ``key`` entries, one chunk per rank at a time."""
-        size = world()[1]
-        if size == 1:
-            return
-        rounds = max((r + 1) * total // size - r * total // size for r in range(size))
-        for k in range(rounds):
-            every: list = [None] * size
-            local = (mine[k], {a: t.cpu() for a, t in self.get(key, mine[k]).items()}) if k < len(mine) else None
-            dist.all_gather_object(every, local)
-            for item in every:
-                if item is not None and item[0] not in mine:
-                    self.put(key, *item)
-
-
 @dataclass
 class _Chunk:
     """Some queries, run prompted and prompt-free block by block (the prompt-free run with the patch so far).
@@ -463,7 +433,7 @@ def _starts(n: int, batch_size: int) -> list[int]:
     return [starts[k] for k in shard(len(starts))]
 
 
-def _chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int, spill: _Spill) -> list[_Chunk]:
+def _chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int, spill: Spill) -> list[_Chunk]:
     arch = architecture_for(model)
     device = device_of(model)
     cache = prefix_cache(model, pairs.prefix_prompted)  # read by every chunk through a read-only view
@@ -486,7 +456,7 @@ def _chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int, spi
     return chunks
 
 
-def _step_prompted(blk: Block, ch: _Chunk, spill: _Spill) -> dict[str, Tensor]:
+def _step_prompted(blk: Block, ch: _Chunk, spill: Spill) -> dict[str, Tensor]:
     """Advance a chunk's prompted run by block ``blk``: its head outputs, mid-residuals, MLP inputs at the queries."""
     seen: dict[str, Tensor] = {}
     specs = [(blk.attn_out, "pre", lambda m, a: seen.__setitem__("o", a[0])), *mid_taps(blk, seen)]
@@ -537,8 +507,7 @@ def condense(
     pos = Positions(skip)
     energies: list[float] = []
     ridges: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="thoughtpatch-") as tmp:
-        spill = _Spill(tmp, device_of(model))
+    with Spill(device_of(model)) as spill:
         chunks = _chunks(model, pairs, skip, cfg.batch_size, spill)
         total = -(-len(pairs.queries) // cfg.batch_size)
         for blk in blks:
@@ -560,7 +529,7 @@ def condense(
                 else:  # nothing to fit: advance at once
                     spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
             if fit:
-                spill.share("rows", [ch.n for ch in chunks], total)
+                share(spill, "rows", [ch.n for ch in chunks], total)
                 lp = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges)
                 patch.layers[i] = lp.scaled(cfg.strength)
                 specs = layer_hook_specs(model, patch, pos, {i})
@@ -624,7 +593,7 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge) -
                     blk, ch, spill.get("f", ch.n)["h"], pos, layer_hook_specs(model, only, pos) + _taps(blk, seen)
                 )
                 spill.put("mid", ch.n, {"r0": seen["r"][ch.query], "z0": seen["z"][ch.query]})
-            spill.share("mid", [ch.n for ch in chunks], total)
+            share(spill, "mid", [ch.n for ch in chunks], total)
 
         def mid_rows():
             for n in range(total):

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from .errors import UsageError
 
-__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors", "new_folder"]
+__all__ = ["check_output", "write_bytes", "read_bytes", "save_tensors", "load_tensors", "new_folder", "Spill"]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
 
@@ -173,3 +174,26 @@ def new_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class Spill:
+    """Per-chunk tensors kept on disk between uses, in a temporary folder (``thoughtpatch-*`` in the system
+    temp dir) removed when the ``with`` block ends, also on errors and interrupts. Read back with plain reads,
+    never mapped, so memory holds only what is in use, whatever the number of probes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> Spill:
+        self._tmp = tempfile.TemporaryDirectory(prefix="thoughtpatch-")
+        self.folder = Path(self._tmp.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def put(self, key: str, n: int, value: dict[str, torch.Tensor]) -> None:
+        (self.folder / f"{key}-{n}").write_bytes(st_save({k: v.contiguous() for k, v in value.items()}))
+
+    def get(self, key: str, n: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in st_load((self.folder / f"{key}-{n}").read_bytes()).items()}
