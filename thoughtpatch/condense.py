@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
-from .distributed import gather_rows, shard
+from .distributed import shard, share
 from .engine import (
     Block,
     StopBlock,
@@ -40,6 +40,7 @@ from .engine import (
 )
 from .errors import IllConditionedWarning, UsageError, require_finite
 from .extract import Updates, detect_sinks
+from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
 from .virtual import allowed_keys, dispatch, fit_slots, prefix_share
@@ -267,20 +268,28 @@ def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
     return u[:, :k] * s[:k], vh[:k].T.contiguous(), kept
 
 
-def fit_gate(r: Tensor, o: Tensor, x: Tensor, ridge: float) -> Tensor:
-    """``g`` (H, d+1) minimising ``sum |r_h - (g_h0 + g_h . x) o_h|^2`` (+ ridge on ``g_h[1:]``).
+Rows = Callable[[], Iterable[tuple[Tensor, Tensor, Tensor | None]]]  # a fresh pass over (o0, oc, x) row blocks
+
+
+def gate_stats(r: Tensor, o: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Additive normal equations ``(S, c)`` of :func:`fit_gate` for one block of rows."""
+    dtype = torch.promote_types(o.dtype, torch.float32)  # float32 products for float32 models (half the time)
+    f = torch.cat([torch.ones_like(x[:, :1]), x], -1).to(dtype)  # (N, d+1)
+    w = (o.to(dtype) ** 2).sum(-1).T  # (H, N)
+    s = sum(  # (H, d+1, d+1): products over row blocks (bounded memory), summed in float64
+        ((f[k : k + 4096].T[None] * w[:, None, k : k + 4096]) @ f[k : k + 4096]).double()
+        for k in range(0, len(f), 4096)
+    )
+    return s, ((r.double() * o.double()).sum(-1).T) @ f.double()
+
+
+def fit_gate(s: Tensor, c: Tensor, ridge: float) -> Tensor:
+    """``g`` (H, d+1) minimising ``sum |r_h - (g_h0 + g_h . x) o_h|^2`` (+ ridge on ``g_h[1:]``), from the
+    summed :func:`gate_stats`.
 
     The prompt's share of each head's attention mass varies with the query, which scales the head's
     own output (o_c = gamma_t o_0 + beta_t exactly, gamma_t a scalar); this models gamma_t - 1 as linear in x.
     """
-    f = torch.cat([torch.ones_like(x[:, :1]), x], -1).float()  # (N, d+1)
-    w = (o.float() ** 2).sum(-1).T  # (H, N)
-    s = sum(  # (H, d+1, d+1): float32 products over row blocks (bounded memory), summed in float64
-        ((f[k : k + 4096].T[None] * w[:, None, k : k + 4096]) @ f[k : k + 4096]).double()
-        for k in range(0, len(f), 4096)
-    )
-    f = f.double()
-    c = ((r.double() * o.double()).sum(-1).T) @ f  # (H, d+1)
     p = s.shape[-1]
     reg = (ridge * torch.diagonal(s, dim1=-2, dim2=-1)[:, 1:].sum(-1) / (p - 1))[:, None, None] * torch.eye(
         p, dtype=s.dtype
@@ -293,30 +302,32 @@ def _gate_scale(g: Tensor, o: Tensor, x: Tensor) -> Tensor:
     return (g[:, 0] + x.double() @ g[:, 1:].T)[..., None] * o.double()
 
 
-def fit_attention(
-    o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, rounds: int = 2, where: str = ""
-) -> dict:
-    """Per-head map of the attention output (rows ``o0``, ``oc``: (N, H, hd); ``x``: (N, d) or None).
+def fit_attention(rows: Rows, cfg: CondenseConfig, ridge: float, rounds: int = 2, where: str = "") -> dict:
+    """Per-head map of the attention output from row blocks ``o0``, ``oc`` (N, H, hd) and ``x`` (N, d) or None.
 
     Linear part ``o0 -> W o0 + b (+ Q x)`` by ridge least squares; with ``cfg.attn_gate`` alternated with the
-    query-dependent scale of :func:`fit_gate`.
+    query-dependent scale of :func:`fit_gate`. Only additive statistics are kept: ``rows`` is read once per step.
     """
-    heads, head_dim = o0.shape[1:]
-    shared = x if cfg.attn_query else None
     scalar = cfg.attn == "scalar" and not cfg.attn_query
     gate = None
-    target = oc
     for _ in range(rounds if cfg.attn_gate else 1):
-        w, b = Affine().add(o0, target, shared).fit(ridge, scalar=scalar, intercept=cfg.attn_bias, where=where)
+        aff = Affine()
+        for o0, oc, x in rows():
+            aff.add(o0, oc if gate is None else oc.double() - _gate_scale(gate, o0, x), x if cfg.attn_query else None)
+        w, b = aff.fit(ridge, scalar=scalar, intercept=cfg.attn_bias, where=where)
+        heads, head_dim = aff.sr.shape
         if not cfg.attn_gate:
             break
-        linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
-        if shared is not None:
-            linear = linear + (shared.double() @ w[..., head_dim:].reshape(heads * head_dim, -1).T).view(
-                -1, heads, head_dim
-            )
-        gate = fit_gate(oc.double() - o0.double() - linear - b, o0, x, ridge)
-        target = oc.double() - _gate_scale(gate, o0, x)
+        s = c = 0
+        for o0, oc, x in rows():
+            linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
+            if cfg.attn_query:
+                linear = linear + (x.double() @ w[..., head_dim:].reshape(heads * head_dim, -1).T).view(
+                    -1, heads, head_dim
+                )
+            si, ci = gate_stats(oc.double() - o0.double() - linear - b, o0, x)
+            s, c = s + si, c + ci
+        gate = fit_gate(s, c, ridge)
     out: dict[str, Tensor] = {}
     if cfg.attn_query:
         out["attn_query"] = w[..., head_dim:].reshape(heads * head_dim, -1).float()
@@ -345,17 +356,13 @@ def _predict_attention(parts: dict, o0: Tensor, x: Tensor | None) -> Tensor:
     return o + delta
 
 
-def _cv_error(o0: Tensor, oc: Tensor, x: Tensor | None, cfg: CondenseConfig, ridge: float, groups: Tensor) -> float:
-    """2-fold cross-validated error of the attention fit, folds split by query chunk (never by token)."""
-    fold = groups % 2 == 0
-    if fold.all() or (~fold).all():
-        fold = torch.arange(len(groups)) % 2 == 0
+def _cv_error(fold: Callable[[bool], Rows], cfg: CondenseConfig, ridge: float) -> float:
+    """2-fold cross-validated error of the attention fit; ``fold(side)`` reads one side's rows."""
     total = 0.0
-    for train in (fold, ~fold):
-        parts = fit_attention(o0[train], oc[train], None if x is None else x[train], cfg, ridge)
-        test = ~train
-        pred = _predict_attention(parts, o0[test], None if x is None else x[test])
-        total += float(((oc[test].double() - pred) ** 2).sum())
+    for side in (True, False):
+        parts = fit_attention(fold(side), cfg, ridge)
+        for o0, oc, x in fold(not side)():
+            total += float(((oc.double() - _predict_attention(parts, o0, x)) ** 2).sum())
     return total
 
 
@@ -420,50 +427,18 @@ def _method_meta(cfg: CondenseConfig, energies: list[float]) -> dict[str, str]:
 
 @dataclass
 class _Chunk:
-    """Prompt-free sequences of some queries, stepped block by block with the patch so far."""
+    """Some queries, run prompted and prompt-free block by block (the prompt-free run with the patch so far).
 
-    idx: list[int]
-    calls: list
-    hidden: Tensor
-    query: Tensor  # (B, T) bool: query positions
+    Their states between blocks live in the spill (``p``: prompted, ``f``: prompt-free), only the block
+    arguments in memory."""
+
+    n: int  # the chunk's number among all chunks (all ranks)
+    prompted_calls: list
+    valid: Tensor  # (B, Tq) bool: the prompted run's query tokens
+    free_calls: list
+    query: Tensor  # (B, T) bool: query positions of the prompt-free run
     active: Tensor  # (B, T) bool: positions the patch acts on
-    sink: Tensor | None = None
-    padding: Tensor | None = None  # (B, T, 1) bool: padded positions, kept at zero between blocks
-    n: int = 0  # the chunk's number among all chunks (all ranks)
-
-
-class _Prompted:
-    """The prompted run at the query positions, advanced one block at a time (one block's states in memory).
-
-    Every chunk reads the prompt's KV cache through a read-only view, so the recorded block calls can be
-    replayed block by block without storing anything per block.
-    """
-
-    def __init__(self, model: nn.Module, pairs: TokenPairs, batch_size: int):
-        arch = architecture_for(model)
-        device = device_of(model)
-        self.cache = prefix_cache(model, pairs.prefix_prompted)
-        lc = len(pairs.prefix_prompted)
-        self.chunks: list[tuple[list, Tensor, Tensor]] = []  # (block calls, hidden, valid)
-        for start in _starts(len(pairs.queries), batch_size):
-            idx = range(start, min(len(pairs.queries), start + batch_size))
-            ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
-            calls = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(self.cache))
-            self.chunks.append((calls.calls, calls.hidden, valid.bool()))
-
-    def step(self, blk: Block) -> tuple[Tensor, Tensor, Tensor]:
-        """Run block ``blk`` on every chunk: its head outputs, mid-residuals and MLP inputs at the query rows."""
-        os, rs, zs = [], [], []
-        for n, (calls, h, valid) in enumerate(self.chunks):
-            seen: dict[str, Tensor] = {}
-            specs = [(blk.attn_out, "pre", lambda m, a, s=seen: s.__setitem__("o", a[0])), *mid_taps(blk, seen)]
-            with hooks(specs):
-                h = run_block(blk, h, calls[blk.index]).masked_fill(~valid[..., None], 0)
-            self.chunks[n] = (calls, h, valid)
-            os.append(seen["o"][valid])
-            rs.append(seen["r"][valid])
-            zs.append(seen["z"][valid])
-        return gather_rows(os), gather_rows(rs), gather_rows(zs)
+    padding: Tensor  # (B, T, 1) bool: padded positions, kept at zero between blocks
 
 
 def _starts(n: int, batch_size: int) -> list[int]:
@@ -472,35 +447,54 @@ def _starts(n: int, batch_size: int) -> list[int]:
     return [starts[k] for k in shard(len(starts))]
 
 
-def _free_chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int) -> list[_Chunk]:
+def _chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int, spill: Spill) -> list[_Chunk]:
     arch = architecture_for(model)
     device = device_of(model)
-    l0 = len(pairs.prefix_free)
+    cache = prefix_cache(model, pairs.prefix_prompted)  # read by every chunk through a read-only view
+    lc, l0 = len(pairs.prefix_prompted), len(pairs.prefix_free)
     chunks = []
     for start in _starts(len(pairs.queries), batch_size):
         idx = list(range(start, min(len(pairs.queries), start + batch_size)))
+        ids, valid = pad_right([pairs.queries[i] for i in idx], 0, device)
+        prompted = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(cache))
         ids, mask = pad_right([pairs.free(i) for i in idx], 0, device)
         query = torch.zeros_like(mask, dtype=torch.bool)
         for j, i in enumerate(idx):
             query[j, l0 : l0 + len(pairs.queries[i])] = True
-        calls = layer_calls(model, arch, ids, mask)
+        free = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
-        chunks.append(
-            _Chunk(
-                idx, calls.calls, calls.hidden, query, active, padding=~mask.bool()[..., None], n=start // batch_size
-            )
-        )
+        n = start // batch_size
+        spill.put("p", n, {"h": prompted.hidden})
+        spill.put("f", n, {"h": free.hidden})
+        chunks.append(_Chunk(n, prompted.calls, valid.bool(), free.calls, query, active, ~mask.bool()[..., None]))
     return chunks
 
 
-def _run_free(blk: Block, chunks: list[_Chunk], pos: Positions, specs_for: Callable, advance: bool = False):
-    """Run block ``blk`` over every chunk with extra hooks; ``advance`` stores the outputs as new states."""
-    for ch in chunks:
-        pos.set(ch.active)
-        with hooks(specs_for(ch)), contextlib.suppress(StopBlock):
-            out = run_block(blk, ch.hidden, ch.calls[blk.index])
-            if advance:  # a fully masked padded row (sliding window) is NaN; it must not leak through V
-                ch.hidden = out.masked_fill(ch.padding, 0)
+def _step_prompted(blk: Block, ch: _Chunk, spill: Spill) -> dict[str, Tensor]:
+    """Advance a chunk's prompted run by block ``blk``: its head outputs, mid-residuals, MLP inputs at the queries."""
+    seen: dict[str, Tensor] = {}
+    specs = [(blk.attn_out, "pre", lambda m, a: seen.__setitem__("o", a[0])), *mid_taps(blk, seen)]
+    with hooks(specs):
+        h = run_block(blk, spill.get("p", ch.n)["h"], ch.prompted_calls[blk.index])
+    spill.put("p", ch.n, {"h": h.masked_fill(~ch.valid[..., None], 0)})
+    return {k: seen[k][ch.valid] for k in ("o", "r", "z")}
+
+
+def _run_free(blk: Block, ch: _Chunk, h: Tensor, pos: Positions, specs: list) -> Tensor | None:
+    """Run block ``blk`` on a chunk's prompt-free states with extra hooks: its output, None if a hook ended it."""
+    pos.set(ch.active)
+    with hooks(specs), contextlib.suppress(StopBlock):  # a fully masked padded row (sliding window) is NaN;
+        return run_block(blk, h, ch.free_calls[blk.index]).masked_fill(ch.padding, 0)  # it must not leak through V
+    return None
+
+
+def _taps(blk: Block, seen: dict[str, Tensor]) -> list:
+    """Record the attention input, head outputs, mid-residual and MLP input; stop before the MLP."""
+    return [
+        blk.attn_input(lambda x: seen.__setitem__("x", x)),
+        (blk.attn_out, "pre", lambda m, a: seen.__setitem__("o", a[0])),
+        *mid_taps(blk, seen, stop=True),
+    ]
 
 
 @torch.no_grad()
@@ -511,7 +505,11 @@ def condense(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> Patch:
-    """The sequential construction: fit block by block with the blocks below already patched."""
+    """The sequential construction: fit block by block with the blocks below already patched.
+
+    Chunk states and per-block rows wait in a temporary folder (removed on return, error or interrupt) and
+    the fits keep only additive statistics, so memory does not grow with the number of probes.
+    """
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
@@ -540,121 +538,156 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     cfg = for_family(cfg, arch)
     blks = blocks(model, arch)
     prompt_kv = _prompt_kv(model, pairs) if cfg.kv else None
-    heads, head_dim = head_shape(model)
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
-    prompted = _Prompted(model, pairs, cfg.batch_size)
-    chunks = _free_chunks(model, pairs, skip, cfg.batch_size)
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
     energies: list[float] = []
     ridges: list[float] = []
-    for blk in blks:
-        i = blk.index
-        targets = prompted.step(blk)
-        require_finite(targets[1], f"block {i} (prompted run)")
-        if i in fit_layers:
+    with Spill(device_of(model)) as spill:
+        chunks = _chunks(model, pairs, skip, cfg.batch_size, spill)
+        total = -(-len(pairs.queries) // cfg.batch_size)
+        for blk in blks:
+            i = blk.index
+            fit = i in fit_layers
             slots = None
-            if prompt_kv is not None:
-                slots = _slots(blk, chunks, pos, *prompt_kv[i], _n_slots(cfg, len(pairs.prefix_prompted)), cfg)
-            lp = _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, ridges, slots)
-            patch.layers[i] = lp.scaled(cfg.strength)
-        specs = layer_hook_specs(model, patch, pos, {i})
-        _run_free(blk, chunks, pos, lambda ch, specs=specs: specs, advance=True)
-        if progress:
-            progress(1)
+            if fit and prompt_kv is not None:
+                m = _n_slots(cfg, len(pairs.prefix_prompted))
+                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], m, cfg)
+            own = layer_hook_specs(model, Patch({i: slots}, cfg.placement, skip), pos) if slots else []
+            for ch in chunks:
+                rows = _step_prompted(blk, ch, spill)
+                require_finite(rows["r"], f"block {i} (prompted run)")
+                h = spill.get("f", ch.n)["h"]
+                if fit:
+                    seen: dict[str, Tensor] = {}
+                    _run_free(blk, ch, h, pos, own + _taps(blk, seen))
+                    rows = {k + "c": v for k, v in rows.items()} | {k + "0": v[ch.query] for k, v in seen.items()}
+                    spill.put(
+                        "rows",
+                        ch.n,
+                        rows | {"nh": h[ch.query].norm(dim=-1).float(), "nr": rows["rc"].norm(dim=-1).float()},
+                    )
+                else:  # nothing to fit: advance at once
+                    spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
+            if fit:
+                share(spill, "rows", [ch.n for ch in chunks], total)
+                lp = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots)
+                patch.layers[i] = lp.scaled(cfg.strength)
+                specs = layer_hook_specs(model, patch, pos, {i})
+                for ch in chunks:
+                    spill.put("f", ch.n, {"h": _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, specs)})
+            if progress:
+                progress(1)
     patch.meta = _method_meta(cfg, energies)
     if ridges:
         patch.meta["method.attn_ridge_chosen"] = ",".join(repr(r) for r in ridges)
     return patch
 
 
-def _gather(chunks: list[_Chunk], key: str, seen: dict[int, dict[str, Tensor]]) -> Tensor:
-    return gather_rows([seen[id(ch)][key][ch.query] for ch in chunks])
-
-
-def _slots(blk: Block, chunks: list[_Chunk], pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
+def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
     """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched)."""
-    qs, shares, now = [], [], {}
+    now: dict[str, Tensor] = {}
 
     def record(module, query, key, value, mask):
-        b, _, t, s = query.shape[0], None, query.shape[2], key.shape[2]
+        b, t, s = query.shape[0], query.shape[2], key.shape[2]
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         own = (query @ key.repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(-1, -2)) * scaling
         reads = allowed_keys(mask, b, t, s, query.device) & ~pos.prefix_keys().to(query.device)[:, None, None, -s:]
         share = prefix_share(query, keys, own.masked_fill(~reads, float("-inf")), scaling)
-        rows = now["chunk"].query
-        qs.append(query.transpose(1, 2)[rows].float())
-        shares.append(share.transpose(1, 2)[rows].float())
+        rows = now.pop("query")
+        now["q"], now["share"] = query.transpose(1, 2)[rows].float(), share.transpose(1, 2)[rows].float()
         raise StopBlock
-
-    def specs_for(ch):
-        now["chunk"] = ch
-        return []
 
     blk.attention._thoughtpatch_record = record
     try:
-        _run_free(blk, chunks, pos, specs_for)
+        for ch in chunks:
+            now["query"] = ch.query
+            _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [])
+            spill.put("q", ch.n, {"q": now.pop("q"), "share": now.pop("share")})
     finally:
         del blk.attention._thoughtpatch_record
+    share(spill, "q", [ch.n for ch in chunks], total)
     scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
-    q, share = gather_rows(qs), gather_rows(shares)
-    _, slots = fit_slots(lambda: [(q, share)], keys, values, scaling, m, cfg.kv_ridge, first)
+    rows = lambda: ((d["q"], d["share"]) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
+    _, slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 
-def _fit_block(model, blk, chunks, targets, cfg, pos, heads, head_dim, energies, lp_ridge, slots=None) -> LayerPatch:
+def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, slots=None) -> LayerPatch:
+    """Fit block ``blk`` from the rows of all ``total`` chunks in the spill, read a chunk at a time (on top of
+    its ``slots``, when it has them)."""
     i = blk.index
-    seen: dict[int, dict[str, Tensor]] = {}
-
-    def tap(ch):  # record the head outputs, the mid-residual and the MLP input; stop before the MLP
-        rec = seen.setdefault(id(ch), {})
-
-        def grab_x(x):
-            rec["x"] = x
-
-        def grab_o(m, a):
-            rec["o"] = a[0]
-
-        return [blk.attn_input(grab_x), (blk.attn_out, "pre", grab_o), *mid_taps(blk, rec, stop=True)]
-
-    lp = slots or LayerPatch()
-    with_slots = Patch({i: lp}, cfg.placement, pos.skip)
-    _run_free(blk, chunks, pos, lambda ch: layer_hook_specs(model, with_slots, pos) + tap(ch))
-    o_c, r_c, z_c = targets
-    h_in = gather_rows([ch.hidden[ch.query] for ch in chunks])
+    heads, head_dim = head_shape(model)
+    norms = [(d["nr"], d["nh"]) for d in (spill.get("rows", n) for n in range(total))]
+    counts = [len(nr) for nr, _ in norms]
     keep = ~(
-        detect_sinks(r_c.norm(dim=-1).float(), cfg.sink_factor)
-        | detect_sinks(h_in.norm(dim=-1).float(), cfg.sink_factor)
+        detect_sinks(torch.cat([nr for nr, _ in norms]), cfg.sink_factor)
+        | detect_sinks(torch.cat([nh for _, nh in norms]), cfg.sink_factor)
     )
+    keeps = keep.split(counts)
+    lp = slots or LayerPatch()
     if cfg.attn != "none":
-        o0 = _gather(chunks, "o", seen)[keep].unflatten(-1, (heads, head_dim))
-        oc = o_c[keep].unflatten(-1, (heads, head_dim))
-        x = _gather(chunks, "x", seen)[keep] if (cfg.attn_query or cfg.attn_gate) else None
-        groups = gather_rows([torch.full((int(ch.query.sum()),), ch.n) for ch in chunks])[keep.cpu()]
+
+        def attention_rows(select: Callable[[int, Tensor], Tensor] | None = None) -> Rows:
+            def rows():
+                for n in range(total):
+                    d, k = spill.get("rows", n), keeps[n]
+                    if select is not None:
+                        k = k & select(n, k)
+                    x = d["x0"][k] if (cfg.attn_query or cfg.attn_gate) else None
+                    yield d["o0"][k].unflatten(-1, (heads, head_dim)), d["oc"][k].unflatten(-1, (heads, head_dim)), x
+
+            return rows
+
         ridge = cfg.attn_ridge
-        if cfg.attn_ridge_grid:
-            ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(o0, oc, x, cfg, r, groups))
+        if cfg.attn_ridge_grid:  # folds split by query chunk (never by token), by rows if one chunk has them all
+            by_chunk = len({n % 2 for n in range(total) if keeps[n].any()}) == 2
+            start = [0, *torch.tensor(counts).cumsum(0).tolist()]
+
+            def fold(side: bool) -> Rows:
+                if by_chunk:
+                    return attention_rows(lambda n, k: torch.full_like(k, (n % 2 == 0) == side))
+                return attention_rows(lambda n, k: ((keep[: start[n]].sum() + k.cumsum(0) - 1) % 2 == 0) == side)
+
+            ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(fold, cfg, r))
             lp_ridge.append(ridge)
-        for k, v in fit_attention(o0, oc, x, cfg, ridge, where=f"block {i} attention map").items():
+        for k, v in fit_attention(attention_rows(), cfg, ridge, where=f"block {i} attention map").items():
             require_finite(v, f"block {i} {k} (condensation statistics)")
             setattr(lp, k, v)
-        if cfg.vector or cfg.matrix:  # the rest is fitted with the attention map installed
-            seen.clear()
-            only = Patch({i: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
-            _run_free(blk, chunks, pos, lambda ch: layer_hook_specs(model, only, pos) + tap(ch))
     if cfg.vector or cfg.matrix:
-        r_0 = _gather(chunks, "r", seen)[keep]
-        delta = r_c[keep] - r_0
-        v = delta.double().mean(0).to(r_0.dtype) if cfg.vector else None
-        if blk.parallel:  # the MLP reads the block input: the vector never reaches it
-            a = _gather(chunks, "z", seen)[keep]
-            u = z_c[keep] - a
-        else:
-            attn_out = cfg.placement == "attn_out" and v is not None
-            a = blk.norm2(r_0 + v) if attn_out else _gather(chunks, "z", seen)[keep]
-            u = blk.norm2(r_c[keep]) - a
-        vm, kept = _vector_matrix(MatrixStats().add(delta, a, u), cfg, f"block {i}")
+        key = "rows"
+        if cfg.attn != "none":  # the rest is fitted with the attention map installed
+            key, only = "mid", Patch({i: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
+            for ch in chunks:
+                seen: dict[str, Tensor] = {}
+                _run_free(
+                    blk, ch, spill.get("f", ch.n)["h"], pos, layer_hook_specs(model, only, pos) + _taps(blk, seen)
+                )
+                spill.put("mid", ch.n, {"r0": seen["r"][ch.query], "z0": seen["z"][ch.query]})
+            share(spill, "mid", [ch.n for ch in chunks], total)
+
+        def mid_rows():
+            for n in range(total):
+                d = spill.get("rows", n)
+                m = d if key == "rows" else spill.get(key, n)
+                yield m["r0"][keeps[n]], m["z0"][keeps[n]], d["rc"][keeps[n]], d["zc"][keeps[n]]
+
+        attn_out = not blk.parallel and cfg.placement == "attn_out" and cfg.vector
+        if attn_out:  # the MLP input moves with the vector: its mean first
+            s_delta = MatrixStats()
+            for r_0, _, r_c, _ in mid_rows():
+                s_delta.add(r_c - r_0, None, None)
+            v = s_delta.vector().to(r_0.dtype)
+        stats = MatrixStats()
+        for r_0, z_0, r_c, z_c in mid_rows():
+            if blk.parallel:  # the MLP reads the block input: the vector never reaches it
+                a, u = z_0, z_c - z_0
+            else:
+                a = blk.norm2(r_0 + v) if attn_out else z_0
+                u = blk.norm2(r_c) - a
+            stats.add(r_c - r_0, a, u)
+        vm, kept = _vector_matrix(stats, cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     return lp

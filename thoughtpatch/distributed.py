@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .errors import UsageError
 
-__all__ = ["init", "world", "is_main", "shard", "gather_rows"]
+__all__ = ["init", "world", "is_main", "shard", "gather_rows", "share"]
 
 
 def init(cuda: bool = False) -> None:
@@ -57,3 +57,19 @@ def gather_rows(parts: list[Tensor], device: torch.device | None = None) -> Tens
     dist.all_gather_object(every, local)
     out = torch.cat([t for t in every if t is not None])
     return out.to(device if device is not None else parts[0].device if parts else "cpu")
+
+
+def share(spill, key: str, mine: list[int], total: int) -> None:
+    """Give every rank every other rank's ``key`` entries of a :class:`~thoughtpatch.files.Spill` (``mine``:
+    this rank's chunk numbers of ``total``), one chunk per rank at a time; a no-op when run alone."""
+    size = world()[1]
+    if size == 1:
+        return
+    rounds = max((r + 1) * total // size - r * total // size for r in range(size))
+    for k in range(rounds):
+        every: list = [None] * size
+        local = (mine[k], {a: t.cpu() for a, t in spill.get(key, mine[k]).items()}) if k < len(mine) else None
+        dist.all_gather_object(every, local)
+        for item in every:
+            if item is not None and item[0] not in mine:
+                spill.put(key, *item)

@@ -33,6 +33,7 @@ __all__ = [
     "new_folder",
     "array_from_bytes",
     "array_to_bytes",
+    "Spill",
 ]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
@@ -237,3 +238,30 @@ def new_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class Spill:
+    """Per-chunk tensors kept on disk between uses, in a temporary folder (``thoughtpatch-*`` in the system
+    temp dir) removed when the ``with`` block ends, also on errors and interrupts. Read back with plain reads,
+    never mapped, so memory holds only what is in use, whatever the number of probes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> Spill:
+        self._tmp = tempfile.TemporaryDirectory(prefix="thoughtpatch-")
+        self.folder = Path(self._tmp.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def put(self, key: str, n: int, value: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+
+        (self.folder / f"{key}-{n}").write_bytes(save({k: v.contiguous() for k, v in value.items()}))
+
+    def get(self, key: str, n: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return {k: v.to(self.device) for k, v in load((self.folder / f"{key}-{n}").read_bytes()).items()}

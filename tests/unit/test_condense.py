@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import replace
+
+import pytest
 import torch
 
 from thoughtpatch import Prompt, align, extract, load_model, teacher_answers
-from thoughtpatch.condense import Affine, CondenseConfig, MatrixStats, condense, condense_updates, truncate
+from thoughtpatch.condense import (
+    Affine,
+    CondenseConfig,
+    MatrixStats,
+    _predict_attention,
+    condense,
+    condense_updates,
+    fit_attention,
+    truncate,
+)
 
 QUERIES = ["What is the capital of France?", "Tell me a story about a cat", "1 2 3", "dog and fox"]
 
@@ -111,3 +124,47 @@ def test_sequential_patch_moves_towards_the_prompt(tiny_dir):
     res = evaluate(lm.model, held, {"none": None, **methods})
     for name in PRESETS:
         assert res[name]["kl"] < res["none"]["kl"], (name, res[name]["kl"], res["none"]["kl"])
+
+
+def test_attention_fit_streamed_in_blocks_equals_one_pass():
+    """The gate's alternating fit reads its rows in blocks and keeps only sums: the same map as one block."""
+    torch.manual_seed(1)
+    n, heads, head_dim, d = 300, 3, 4, 6
+    x = torch.randn(n, d, dtype=torch.float64)
+    o0 = torch.randn(n, heads, head_dim, dtype=torch.float64)
+    gamma = 1 + 0.3 * torch.tanh(x @ torch.randn(d, heads, dtype=torch.float64))  # query-dependent scale
+    oc = gamma[..., None] * (o0 + 0.2 * o0.flip(-1)) + 0.1
+    cfg = CondenseConfig(attn_query=True, attn_gate=True)
+    one = fit_attention(lambda: [(o0, oc, x)], cfg, 0.1)
+    cuts = [0, 7, 100, 101, 300]
+    blocks = fit_attention(
+        lambda: [(o0[a:b], oc[a:b], x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)], cfg, 0.1
+    )
+    assert set(one) == {"attn_weight", "attn_bias", "attn_query", "attn_gate"}
+    for k in one:
+        assert torch.allclose(one[k], blocks[k], rtol=1e-5, atol=1e-6), k
+    err = float(((_predict_attention(one, o0, x) - oc) ** 2).mean() / (oc**2).mean())
+    assert err < 0.05  # the gate captures most of the query-dependent scale
+
+
+def test_chunk_size_changes_only_float_noise_and_leaves_no_files(tiny_dir, tmp_path, monkeypatch):
+    """Probes in 1 chunk or 3: the same patch up to float noise; the temporary folder is removed each time,
+    also when the run is interrupted."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    pairs = teacher_answers(lm.model, lm.tokenizer, align(lm.tokenizer, Prompt("You are a pirate."), QUERIES), 2)
+    cfg = CondenseConfig(attn_query=True, attn_gate=True, placement="attn_out", attn_ridge_grid=(0.03, 0.3))
+    one, three = (condense(lm.model, pairs, replace(cfg, batch_size=b)) for b in (4, 2))
+    assert list(tmp_path.glob("thoughtpatch-*")) == []
+    assert one.meta == three.meta
+    for i, lp in one.layers.items():
+        for k, t in lp.tensors().items():
+            assert torch.allclose(t, three.layers[i].tensors()[k], rtol=1e-6, atol=1e-9), (i, k)
+
+    def stop(_):
+        assert len(list(tmp_path.glob("thoughtpatch-*/*"))) > 0  # states and rows are on disk mid-run
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        condense(lm.model, pairs, replace(cfg, batch_size=2), progress=stop)
+    assert list(tmp_path.glob("thoughtpatch-*")) == []

@@ -124,7 +124,9 @@ def test_interrupt_leaves_nothing_partial_and_rerun_succeeds(slow_setup, tmp_pat
         argv = [command, str(d / "prompt.txt"), *model, "--probes", str(d / "probes.txt"), "-o", str(out)]
         argv += ["--answer-tokens", "16"]
     before = _digest(d)
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    tmp = tmp_path / "tmp"  # the condensation's temporary folder goes here and must be removed
+    tmp.mkdir()
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "thoughtpatch", *argv]
     # a runner started in the background (CI) may ignore SIGINT, which its children inherit: restore it
     default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
@@ -145,6 +147,7 @@ def test_interrupt_leaves_nothing_partial_and_rerun_succeeds(slow_setup, tmp_pat
     assert "Traceback" not in rest.decode()
     assert out.read_bytes() == b"the previous result" and [p.name for p in out_dir.iterdir()] == [out.name]
     assert _digest(d) == before  # inputs untouched
+    assert list(tmp.glob("thoughtpatch-*")) == []
 
     again = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr.decode()
