@@ -11,13 +11,15 @@ __all__ = ["PRESETS", "FIT_ANSWER_TOKENS"]
 FIT_ANSWER_TOKENS = 16
 
 PRESETS: dict[str, CondenseConfig] = {
-    # Any form `apply` runs: per-head attention map with its query-dependent term and gate. Vectors and MLP
-    # matrices on top changed nothing measurable (0.0519 vs 0.0521 mean KL) for 20M more numbers.
-    "best": CondenseConfig(attn="full", attn_query=True, attn_gate=True, vector=False, matrix=False),
+    # Any form `apply` runs: virtual key/value slots for a quarter of the prompt's tokens (a compressed copy of
+    # its keys and values), then the per-head attention map with its query-dependent term and gate on what they
+    # leave. SmolLM2, 8 tasks: mean KL 0.052 -> 0.007, top-1 0.896 -> 0.97 over the same maps without slots.
+    "best": CondenseConfig(attn="full", attn_query=True, attn_gate=True, vector=False, matrix=False, kv=0.25),
     # Folds into standard weights: no query-dependent part, every position patched (skip=0).
     # Narrowed per family to what folds exactly (condense.for_family): no vector where a norm follows it or no
     # bias exists, no constant where the attention output has no bias.
     "bakeable": CondenseConfig(attn="full", vector=True, matrix=True, skip=0, bakeable=True),
-    # <= 0.1% of the model's parameters: a scalar per head, the vectors and rank-2 matrices.
-    "compact": CondenseConfig(attn="scalar", vector=True, matrix=True, rank=2),
+    # <= 0.1% of the model's parameters: 8 slots per block and a scalar per head (SmolLM2: 111k numbers, 0.08%;
+    # beat the scalar + vectors + rank-2 matrices it replaced on every task).
+    "compact": CondenseConfig(attn="scalar", vector=False, matrix=False, kv=1.0, kv_max=8),
 }

@@ -22,9 +22,9 @@ HELD = ["the quick dog", "a lazy cat 5", "tell me a story please", "1 2 3 4 5"]
 
 # mode -> (numbers in the patch, held-out KL of the patch) on the pico Llama below, float64
 RECORDED = {
-    "best": (4332, 0.00010581228343653493),
+    "best": (4980, 2.106101851495623e-05),
     "bakeable": (7104, 0.00015525489652645774),
-    "compact": (588, 0.00023796079403837211),
+    "compact": (972, 2.4341143216588534e-05),
 }
 
 
@@ -50,6 +50,6 @@ def test_default_construction_is_unchanged(scores, mode):
 def test_modes_keep_their_promises(scores):
     patches, _ = scores
     assert patches["bakeable"].bakeable and not patches["best"].bakeable
-    # the compact budget is relative to the real model; here: scalar head maps and rank <= 2, nothing query-dependent
-    assert all(lp.rank <= 2 and lp.attn_weight.dim() == 1 for lp in patches["compact"].layers.values())
-    assert not any(lp.in_memory_only for lp in patches["compact"].layers.values())
+    # the compact budget is relative to the real model; here: scalar head maps and at most 8 slots per block
+    assert all(lp.attn_weight.dim() == 1 and lp.kv_key.shape[1] <= 8 for lp in patches["compact"].layers.values())
+    assert all(lp.kv_key is not None for lp in patches["best"].layers.values())
