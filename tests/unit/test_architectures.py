@@ -103,11 +103,11 @@ def test_transmute_apply_eval_end_to_end(tmp_path, tiny_dir, family):
         assert doc["max_logit_error"] <= 1e-9 and doc["expert_choices"]["differ"] == 0, r.stderr.decode()
         assert doc["expert_choices"]["choices"] == doc["tokens"] * 3
     r = run_cli("transmute", str(tmp_path / "prompt.txt"), "--model", model, "--probes", str(tmp_path / "fit.txt"),
-                "-o", patch, "--compact", "--answer-tokens", "2", "-q")  # fmt: skip
+                "-o", patch, "--compact", "--vector", "--answer-tokens", "2", "-q")  # fmt: skip
     assert r.returncode == 0, r.stderr.decode()
     r = run_cli("inspect", patch, "--json")
     layers = json.loads(r.stdout)["layers"]
-    assert len(layers) == 3 and all(lp["vector_norm"] > 0 for lp in layers)
+    assert len(layers) == 3 and all(lp["vector_norm"] > 0 and lp["kv_slots"] >= 1 for lp in layers)
     r = run_cli("apply", patch, "--model", model, "-p", "hello", "--max-new-tokens", "3", "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)["answers"]) == 1, r.stderr.decode()
     r = run_cli("eval", patch, "--model", model, "--prompt-file", str(tmp_path / "prompt.txt"), "--queries",
