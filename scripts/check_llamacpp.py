@@ -27,9 +27,9 @@ from thoughtpatch.apply import installed
 from thoughtpatch.architectures import architecture_for
 from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.export import GGUF_CVEC, GGUF_LORA, exportable
-from thoughtpatch.files import read_bytes
+from thoughtpatch.files import read_bytes, write_bytes
 from thoughtpatch.models import DEFAULT_MODEL, WHEEL_MODELS, _gguf
-from thoughtpatch.patch import patch_from_bytes
+from thoughtpatch.patch import patch_from_bytes, patch_to_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 8
@@ -54,8 +54,12 @@ def llama_answers(gguf: Path, folder: Path | None, prompts: list[list[int]], eos
                 data[(n - 1) * n_embd + j] = x
         rc = llama_cpp.llama_apply_adapter_cvec(llm.ctx, data, len(data), n_embd, 1, n_layers)
         assert rc == 0, f"llama_apply_adapter_cvec returned {rc}"
-    out = []
+    out, logits = [], []
     for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        logits.append(torch.tensor([last[j] for j in range(llm.n_vocab())]).log_softmax(-1))
         llm.reset()
         got = []
         for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -63,7 +67,16 @@ def llama_answers(gguf: Path, folder: Path | None, prompts: list[list[int]], eos
             if tok in eos or len(got) == TOKENS:
                 break
         out.append(got)
-    return out
+    return out, logits
+
+
+def hf_logits(model, prompts: list[list[int]]) -> list:
+    return [model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1) for ids in prompts]
+
+
+def kl(p: list, q: list) -> float:
+    """Mean KL(p || q) of next-token distributions (nats)."""
+    return sum(float((a.exp() * (a - b)).sum()) for a, b in zip(p, q, strict=True)) / len(p)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -78,17 +91,28 @@ def main() -> None:
     ap.add_argument("--queries", default=str(ROOT / "examples" / "french-heldout.txt"))
     ap.add_argument("--patch", help="a bakeable patch (default: transmute --mode bakeable of --prompt)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--only", choices=("vectors", "weights"), help="export only the control vectors or the LoRA")
+    ap.add_argument("--save-patch", help="keep the transmuted patch here (to reuse with --patch)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = load_model(None, dtype="float32")
     model, tok = lm.model, lm.tokenizer
     n_layers = model.config.num_hidden_layers
     with tempfile.TemporaryDirectory() as tmp:
-        patch_file = args.patch or f"{tmp}/patch.safetensors"
+        patch_file = args.patch or args.save_patch or f"{tmp}/patch.safetensors"
         if not args.patch:
             cli("transmute", args.prompt, "--mode", "bakeable", "-o", patch_file)
-        cli("export", patch_file, "--to", "gguf", "--drop-vectors", "-o", f"{tmp}/gguf")
         patch = patch_from_bytes(read_bytes(patch_file, "patch"))
+        if args.only:  # one kind of part alone: which runtime mapping agrees
+            keep = {"vector"} if args.only == "vectors" else {"attn_weight", "attn_bias", "matrix_a", "matrix_b"}
+            for lp in patch.layers.values():
+                for name in ("vector", "attn_weight", "attn_bias", "matrix_a", "matrix_b"):
+                    if name not in keep:
+                        setattr(lp, name, None)
+            patch.meta["parameters"] = str(patch.numel())
+            patch_file = f"{tmp}/only.safetensors"
+            write_bytes(patch_file, patch_to_bytes(patch))
+        cli("export", patch_file, "--to", "gguf", "--drop-vectors", "-o", f"{tmp}/gguf")
         exported, dropped = exportable(patch, architecture_for(model), "gguf", True, "patch")
         pairs = align(tok, load_prompt(args.prompt), load_probes(args.queries))
         eos = eos_ids(model, tok)
@@ -96,22 +120,33 @@ def main() -> None:
             "prompted": greedy(model, pairs.prefix_prompted, pairs.queries, TOKENS, eos),
             "base": greedy(model, pairs.prefix_free, pairs.queries, TOKENS, eos),
         }
+        free = [pairs.free(i) for i in range(len(pairs.queries))]
+        logits = {"base": hf_logits(model, free)}
         with installed(model, exported):
             hf["patched"] = greedy(model, pairs.prefix_free, pairs.queries, TOKENS, eos)
-        free = [pairs.free(i) for i in range(len(pairs.queries))]
+            logits["patched"] = hf_logits(model, free)
         gguf = _gguf(DEFAULT_MODEL, WHEEL_MODELS[DEFAULT_MODEL])
-        cpp = {
-            "base": llama_answers(gguf, None, free, eos, n_layers),
-            "patched": llama_answers(gguf, Path(tmp) / "gguf", free, eos, n_layers),
-        }
+        (cpp_base, cpp_base_logits), (cpp_patched, cpp_patched_logits) = (
+            llama_answers(gguf, None, free, eos, n_layers),
+            llama_answers(gguf, Path(tmp) / "gguf", free, eos, n_layers),
+        )
+        cpp = {"base": cpp_base, "patched": cpp_patched}
     hf_full = hf["prompted"]
     result = {
+        "exported": args.only or "vectors and weights",
         "dropped for GGUF": dropped,
         "llama.cpp patched vs thoughtpatch apply (same exported content)": agreement(cpp["patched"], hf["patched"]),
+        "next-token KL, transformers || llama.cpp: base / patched": [
+            kl(logits["base"], cpp_base_logits),
+            kl(logits["patched"], cpp_patched_logits),
+        ],
+        "next-token KL, patched || base (transformers): what the export changes": kl(logits["patched"], logits["base"]),
         "llama.cpp base vs transformers base (the runtimes' floor)": agreement(cpp["base"], hf["base"]),
         "llama.cpp patched vs the prompted model (transformers)": agreement(cpp["patched"], hf_full),
         "thoughtpatch apply vs the prompted model": agreement(hf["patched"], hf_full),
         "no patch vs the prompted model": agreement(hf["base"], hf_full),
+        "thoughtpatch apply vs no patch (how much the exported parts change)": agreement(hf["patched"], hf["base"]),
+        "llama.cpp patched vs llama.cpp base": agreement(cpp["patched"], cpp["base"]),
     }
     print(json.dumps(result, indent=1))
     if args.json:
