@@ -133,7 +133,7 @@ def prepare(work: Path) -> None:
     common = ["-m", "llama", "--probes", "probes.txt", "--answer-tokens", "2", "-q"]
     for argv in (
         ["extract", "prompt.txt", "-o", "updates.safetensors", *common],
-        ["transmute", "prompt.txt", "-o", "patch.safetensors", "--mode", "compact", *common],
+        ["transmute", "prompt.txt", "-o", "patch.safetensors", "--mode", "compact", "--kv", "0", "--vector", *common],
     ):
         code, lines = run(argv)
         if code:

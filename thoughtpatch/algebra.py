@@ -77,6 +77,20 @@ def _matrix(terms: list[tuple[float, LayerPatch]]) -> tuple[Tensor | None, Tenso
     return torch.cat([t.to(dtype) for t in a_parts], 1), torch.cat([t.to(dtype) for t in b_parts], 1)
 
 
+def _slots(terms: list[tuple[float, LayerPatch]]) -> dict[str, Tensor | None]:
+    """Slots of several patches side by side: keys, values and positions concatenated, each weight added to its
+    slots' log-multiplicities (a weight w scales their attention mass by w)."""
+    if not terms:
+        return {}
+    cat = {k: torch.cat([getattr(lp, k) for _, lp in terms], 1) for k in ("kv_key", "kv_value")}
+    cat["kv_bias"] = torch.cat(
+        [(torch.zeros(lp.kv_key.shape[:2]) if lp.kv_bias is None else lp.kv_bias) + math.log(w) for w, lp in terms], 1
+    )
+    positions = [lp.kv_position for _, lp in terms]
+    cat["kv_position"] = None if any(p is None for p in positions) else torch.cat(positions, 1)
+    return cat
+
+
 def _common(patches: list[Patch], force: bool, skip: int | None) -> tuple[str, int]:
     """The placement and skip of the sum (a clear refusal where it cannot be exact)."""
     skips = {p.skip for p in patches}
@@ -133,10 +147,11 @@ def merge(
         raise UsageError(f"{len(weights)} weights for {len(patches)} patches")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError("weights must be finite numbers")
-    if any(p.has_slots for p in patches):
+    if any(p.has_slots and w <= 0 for w, p in zip(weights, patches, strict=True)):
         raise UsageError(
-            "a patch with virtual key/value slots (--kv: a compressed copy of its prompt's keys and values) does "
-            "not add to others; apply it beside them instead: thoughtpatch apply A B"
+            "a patch with virtual key/value slots (--kv: a compressed copy of its prompt's keys and values) takes "
+            "a positive weight only: the slots of merged patches are read side by side, each weight scaling its "
+            "slots' attention mass"
         )
     placement, skip_out = _common(patches, force, skip)
     _check_shapes(patches)
@@ -146,6 +161,7 @@ def merge(
         parts = {n: _sum([(w, getattr(lp, n)) for w, lp in here if getattr(lp, n) is not None]) for n in _SUMMED}
         parts["attn_weight"] = _attn_weight([(w, lp.attn_weight) for w, lp in here if lp.attn_weight is not None])
         parts["matrix_a"], parts["matrix_b"] = _matrix([(w, lp) for w, lp in here if lp.matrix_a is not None])
+        parts.update(_slots([(w, lp) for w, lp in here if lp.kv_key is not None]))
         lp = LayerPatch(**parts)
         if lp.tensors():
             layers[i] = lp

@@ -162,7 +162,10 @@ def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0
     cfg = model.config
     heads, head_dim = head_shape(model)
     if sum(p.has_slots for p in patches) > 1:
-        raise UsageError("only one of the patches may carry virtual key/value slots (each replaces the same tokens)")
+        raise UsageError(
+            "only one of the patches may carry virtual key/value slots (each replaces the same tokens); merge them "
+            "into one first: thoughtpatch merge A B -o AB"
+        )
     with ExitStack() as stack:
         if any(p.has_slots for p in patches):
             stack.enter_context(dispatch(model))

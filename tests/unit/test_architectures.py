@@ -142,7 +142,10 @@ def test_coverage_table_is_generated_from_the_declarations():
 
 @pytest.mark.parametrize("family", ["olmo2"])
 def test_condensed_patch_moves_towards_the_prompt(tiny_dir, family):
-    """Post-norm blocks (parallel and MoE: the CLI test above): the compact patch (vectors, matrices, head scales) helps."""
+    """Post-norm blocks (parallel and MoE: the CLI test above): a small patch (slots, head scales, vectors,
+    rank-2 matrices) helps."""
+    from dataclasses import replace
+
     from thoughtpatch.constants import PRESETS
     from thoughtpatch.evaluate import evaluate, targets_for
 
@@ -151,7 +154,7 @@ def test_condensed_patch_moves_towards_the_prompt(tiny_dir, family):
     fit_q = [f"{a} {b}" for a in ("the dog", "a cat", "the fox") for b in ("jumps", "is lazy", "please", "1 2 3")]
     fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, fit_q), 3)
     held = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, ["the quick dog", "a lazy cat 5"]), 3)
-    patch = condense(lm.model, fit, PRESETS["compact"])
+    patch = condense(lm.model, fit, replace(PRESETS["compact"], vector=True, matrix=True, rank=2))
     assert all(lp.vector is not None and lp.matrix_a is not None for lp in patch.layers.values())
     res = evaluate(lm.model, held, {"none": None, "compact": patch})
     assert res["compact"]["kl"] < res["none"]["kl"], res

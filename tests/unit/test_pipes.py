@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 import pytest
 from conftest import run_cli
@@ -53,7 +54,8 @@ def work(tmp_path_factory, tiny_dir):
     (d / "fit.txt").write_text(FIT)
     model = str(tiny_dir("llama"))
     lm = load_model(model)
-    patch, _ = run_transmute(lm, Prompt("Answer briefly and politely."), FIT.split("\n")[:-1], PRESETS["compact"], answer_tokens=2)  # fmt: skip
+    cfg = replace(PRESETS["compact"], kv=0.0, vector=True, matrix=True, rank=2)  # merges with negative weights too
+    patch, _ = run_transmute(lm, Prompt("Answer briefly and politely."), FIT.split("\n")[:-1], cfg, answer_tokens=2)
     (d / "other.safetensors").write_bytes(patch_to_bytes(patch))
     return d, model
 
@@ -62,7 +64,7 @@ def test_extract_condense_merge_pipe(work):
     d, model = work
     rs = _pipe(
         _cmd("extract", "prompt.txt", "--model", model, "--probes", "fit.txt", "-o", "-", "-q", "--answer-tokens", "2"),
-        _cmd("condense", "-", "-o", "-", "--mode", "compact", "-q"),
+        _cmd("condense", "-", "-o", "-", "--mode", "compact", "--kv", "0", "--vector", "--matrix", "--rank", "2", "-q"),
         _cmd("merge", "-", "other.safetensors", "-o", "combined.safetensors", "--json", "-q"),
         cwd=d,
     )

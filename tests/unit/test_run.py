@@ -17,8 +17,8 @@ FIT = "the dog jumps\na cat is lazy\ntell me a story\n1 2 3 4\n"
 JOB = """
 defaults: {{model: {model}, answer_tokens: 2}}
 steps:
-  - transmute: {{prompt_file: prompt.txt, probes: fit.txt, mode: compact, output: out/a.safetensors}}
-  - transmute: {{prompt_file: polite.txt, probes: fit.txt, mode: compact, output: out/b.safetensors}}
+  - transmute: {{prompt_file: prompt.txt, probes: fit.txt, mode: compact, kv: 0, vector: true, matrix: true, rank: 2, output: out/a.safetensors}}
+  - transmute: {{prompt_file: polite.txt, probes: fit.txt, mode: compact, kv: 0, vector: true, matrix: true, rank: 2, output: out/b.safetensors}}
   - merge:
       patch_files: [out/a.safetensors, out/b.safetensors]
       weights: [1, -0.5]

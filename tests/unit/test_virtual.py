@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,8 +109,14 @@ def test_bad_slot_files_and_configs(tiny_dir):
     two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
     with pytest.raises(UsageError, match="only one"), installed(lm.model, [two, two]):
         pass
-    with pytest.raises(UsageError, match="does not add"):
-        merge([two, two])
+    with pytest.raises(UsageError, match="positive weight"):
+        merge([two, two], [1.0, -1.0])
+    both = merge([two, two], [1.0, 0.5])  # side by side, the second's mass halved
+    lp, one = both.layers[0], two.layers[0]
+    assert lp.kv_key.shape[1] == 2 * one.kv_key.shape[1] and torch.equal(
+        lp.kv_key[:, : one.kv_key.shape[1]], one.kv_key
+    )
+    torch.testing.assert_close(lp.kv_bias[:, one.kv_key.shape[1] :], one.kv_bias + math.log(0.5))
 
 
 def test_slot_patches_on_the_command_line(tiny_dir, tmp_path):
