@@ -155,8 +155,14 @@ def _score_baked(lm, patch, held) -> dict:
     return s.brief() | {"kl_per_query": s.kl_per_query, "positions": s.positions, "parameters": patch.numel()}
 
 
+def method_names(results: dict) -> list[str]:
+    """Every method in any task, in order of first appearance."""
+    return list(dict.fromkeys(n for t in results["tasks"].values() for n in t))
+
+
 def summarise(results: dict) -> dict[str, dict[str, float]]:
-    names = list(next(iter(results["tasks"].values())))
+    """Per method: means over the tasks that have it (``tasks`` says how many)."""
+    names = method_names(results)
     out = {}
     for n in names:
         rows = [t[n] for t in results["tasks"].values() if n in t]
@@ -164,6 +170,7 @@ def summarise(results: dict) -> dict[str, dict[str, float]]:
             k: statistics.mean(r[k] for r in rows) for k in ("kl", "top1", "exact", "build_seconds", "share_of_model")
         }
         out[n]["parameters"] = rows[0]["parameters"]
+        out[n]["tasks"] = len(rows)
     return out
 
 
@@ -175,12 +182,12 @@ def markdown(results: dict) -> str:
         "",
         "Mean over tasks (KL nats / top-1 / exact 8-token answers), patch size and build time:",
         "",
-        "| method | KL | top-1 | exact | numbers | share of model | build s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | tasks | KL | top-1 | exact | numbers | share of model | build s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, s in mean.items():
         lines.append(
-            f"| {n} | {s['kl']:.4f} | {s['top1']:.3f} | {s['exact']:.3f} | {s['parameters']:,} | {100 * s['share_of_model']:.3f}% | {s['build_seconds']:.1f} |"
+            f"| {n} | {s['tasks']} | {s['kl']:.4f} | {s['top1']:.3f} | {s['exact']:.3f} | {s['parameters']:,} | {100 * s['share_of_model']:.3f}% | {s['build_seconds']:.1f} |"
         )
     lines += ["", "Per task, KL / top-1 / exact:", ""]
     names = list(mean)
@@ -202,13 +209,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(results["tasks"])
-    names = list(next(iter(results["tasks"].values())))
+    names = method_names(results)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(names)
     for j, n in enumerate(names):
         xs = [i + j * width for i in range(len(tasks))]
-        axes[0].bar(xs, [results["tasks"][t][n]["kl"] for t in tasks], width, label=n)
-        axes[1].bar(xs, [results["tasks"][t][n]["top1"] for t in tasks], width, label=n)
+        for ax, key in zip(axes, ("kl", "top1"), strict=True):
+            ax.bar(xs, [results["tasks"][t].get(n, {}).get(key, float("nan")) for t in tasks], width, label=n)
     for ax, title in zip(axes, ("KL(prompted || method), nats (log scale)", "top-1 agreement"), strict=True):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
