@@ -59,8 +59,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     if state is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     slots, active, prefix, where = state  # active: (B, T) rows patched; prefix: (B, S) keys they no longer read
-    b, _, t, s = query.shape[0], None, query.shape[2], key.shape[2]
-    m = slots.key.shape[1]
+    b, t, s, m = query.shape[0], query.shape[2], key.shape[2], slots.key.shape[1]
     dev = query.device
     active = torch.ones(b, t, dtype=torch.bool, device=dev) if active is None else active.to(dev).expand(b, t)
     prefix = prefix.to(dev)[..., -s:].expand(b, s)
@@ -71,8 +70,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         g = query.shape[1] // slots.position.shape[0]
         near = where.to(dev)[:, None, :, None] - slots.position.to(dev).repeat_interleave(g, 0)[None, :, None, :]
         reads = reads & (near < window)
-    heads = reads.shape[1]
-    allowed = torch.cat([reads, allowed.expand(b, heads, t, s) if heads > 1 else allowed], -1)
+    allowed = torch.cat([reads, allowed.expand(b, reads.shape[1], t, s) if reads.shape[1] > 1 else allowed], -1)
     keys = torch.cat([slots.key.to(key.dtype)[None].expand(b, -1, -1, -1), key], 2)
     values = torch.cat([slots.value.to(value.dtype)[None].expand(b, -1, -1, -1), value], 2)
     if slots.bias is None and (attention_mask is None or attention_mask.dtype == torch.bool):
@@ -120,6 +118,8 @@ def dispatch(model: nn.Module) -> Iterator[None]:
     finally:
         cfg._attn_implementation = own
         _INNER.pop(id(cfg), None)
+        for module in model.modules():  # slots left by a call that an error or interrupt ended
+            module.__dict__.pop("_thoughtpatch_slots", None)
 
 
 def slot_hooks(module: nn.Module, slots: Slots, positions) -> list[tuple[nn.Module, str, Callable]]:
