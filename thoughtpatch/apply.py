@@ -55,7 +55,7 @@ class Positions:
 
     def from_call(self, module, args, kwargs):
         if self.skip <= 0:
-            self.mask = self.keys = None
+            self.mask = self.keys = self.where = None
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -169,9 +169,9 @@ def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0
     with ExitStack() as stack:
         if any(p.has_slots for p in patches):
             stack.enter_context(dispatch(model))
-        states = []
+        states, kvh = [], kv_heads(model)
         for patch in patches:
-            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kv_heads(model))
+            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kvh)
             p = patch.scaled(scale) if scale != 1.0 else patch
             pos = Positions(p.skip)
             handle = model.register_forward_pre_hook(pos.from_call, with_kwargs=True)

@@ -588,10 +588,10 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
 def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
     """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched)."""
     now: dict[str, Tensor] = {}
+    scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
 
     def record(module, query, key, value, mask):
         b, t, s = query.shape[0], query.shape[2], key.shape[2]
-        scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         own = (query @ key.repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(-1, -2)) * scaling
         reads = allowed_keys(mask, b, t, s, query.device) & ~pos.prefix_keys().to(query.device)[:, None, None, -s:]
         share = prefix_share(query, keys, own.masked_fill(~reads, float("-inf")), scaling)
@@ -608,9 +608,8 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     finally:
         del blk.attention._thoughtpatch_record
     share(spill, "q", [ch.n for ch in chunks], total)
-    scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
     rows = lambda: ((d["q"], d["share"]) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
-    _, slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first)
+    slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 

@@ -161,9 +161,7 @@ def _probs(rows: Rows, keys: Tensor, scaling: float) -> Iterator[tuple[Tensor, T
             yield ((qb @ keys.double().transpose(-1, -2)) * scaling).softmax(-1), sb
 
 
-def fit_slots(
-    rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0
-) -> tuple[Tensor, Slots]:
+def fit_slots(rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0) -> Slots:
     """Pick and fit ``m`` slots per key/value head from the prefix's ``keys`` and ``values`` (KVH, L, hd).
 
     ``rows()``: the query rows the slots will serve, (R, H, hd), with the prefix's share of each row's mass,
@@ -171,14 +169,14 @@ def fit_slots(
     mass (weighted by share); then their log-multiplicities ``b`` make them carry the prefix's mass
     (sum_j e^b_j p_rj ~ 1 over the rows) and their values its mean value, both by weighted ridge least squares
     shrunk toward the plain selection (``b = 0``, the tokens' own values), ``ridge`` relative to the Gram
-    matrix's mean diagonal. ``first``: the position of the first key. Returns the indices (KVH, m) and slots.
+    matrix's mean diagonal. ``first``: the position of the first key.
     """
     kvh = keys.shape[0]
     mass = sum((p * w[..., None]).sum(1) for p, w in _probs(rows, keys, scaling))
     idx = mass.topk(min(m, keys.shape[1]), -1).indices.sort(-1).values
     at = (idx + first).to(keys.dtype)
     if idx.shape[1] == keys.shape[1]:  # every token kept: the prefix itself, nothing to fit
-        return idx, Slots(keys, values, None, at)
+        return Slots(keys, values, None, at)
     eye = torch.eye(idx.shape[1], dtype=torch.float64)
 
     def solve(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], prior: Tensor) -> Tensor:
@@ -198,7 +196,7 @@ def fit_slots(
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
     v = solve(normalised, lambda p: p @ values.double(), gather(values.double(), idx))
-    return idx, Slots(gather(keys, idx), v.to(values.dtype), c.log().to(values.dtype), at)
+    return Slots(gather(keys, idx), v.to(values.dtype), c.log().to(values.dtype), at)
 
 
 def gather(t: Tensor, idx: Tensor) -> Tensor:
