@@ -91,6 +91,13 @@ Kv = Annotated[
     ),
 ]
 KvMax = Annotated[int | None, typer.Option(help="At most this many virtual key/value slots per block.")]
+KvBudget = Annotated[
+    float | None,
+    typer.Option(
+        help="All slots together take at most this share of the model's parameters (e.g. 0.0008), spread over "
+        "the blocks by the attention they put on the prompt."
+    ),
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model folder to run its own Python code (off by default).")
 ]
@@ -384,6 +391,7 @@ def condense(
     skip: Skip = None,
     kv: Kv = None,
     kv_max: KvMax = None,
+    kv_budget: KvBudget = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     device_map: DeviceMap = None,
@@ -403,7 +411,7 @@ def condense(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
-        kv=kv, kv_max=kv_max,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget,
     )  # fmt: skip
     updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
     lm = _load(
@@ -448,6 +456,7 @@ def transmute(
     skip: Skip = None,
     kv: Kv = None,
     kv_max: KvMax = None,
+    kv_budget: KvBudget = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: StorePrompt = True,
@@ -473,7 +482,7 @@ def transmute(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
-        kv=kv, kv_max=kv_max,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")

@@ -77,6 +77,7 @@ class CondenseConfig:
     kv: float = 0.0  # virtual key/value slots per block: this share of the prompted prefix's tokens (0: none)
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
+    kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -97,6 +98,8 @@ class CondenseConfig:
             raise UsageError(f"--kv must be a share of the prompt's tokens in [0, 1], not {self.kv}")
         if self.kv_max is not None and self.kv_max < 1:
             raise UsageError(f"--kv-max must be a positive number of slots, not {self.kv_max}")
+        if self.kv_budget is not None and not 0 < self.kv_budget < 1:
+            raise UsageError(f"--kv-budget must be a share of the model's parameters in (0, 1), not {self.kv_budget}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -124,7 +127,11 @@ class CondenseConfig:
             "attn_ridge": repr(self.attn_ridge),
             "strength": repr(self.strength),
             "sink_factor": repr(self.sink_factor),
-        } | ({"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)} if self.kv else {})
+        } | (self._kv() if self.kv else {})
+
+    def _kv(self) -> dict[str, str]:
+        kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
+        return kv | ({"kv_budget": repr(self.kv_budget)} if self.kv_budget else {})
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -517,9 +524,15 @@ def condense(
         return _sequential(model, pairs, cfg, progress)
 
 
-def _n_slots(cfg: CondenseConfig, prompt_tokens: int) -> int:
-    """Slots per block: the configured share of the prompted prefix, at least one, at most ``kv_max``."""
-    return min(max(1, round(cfg.kv * prompt_tokens)), cfg.kv_max or prompt_tokens)
+def _n_slots(cfg: CondenseConfig, model: nn.Module, n: int, prompt_kv: list, blocks: int) -> int:
+    """Slots per block: the configured share of the prompted prefix, at least one, at most ``kv_max``, and at most
+    what ``kv_budget`` (a share of the model's parameters) leaves each of the patched ``blocks``."""
+    kvh, _, hd = prompt_kv[0][0].shape
+    m = min(max(1, round(cfg.kv * n)), cfg.kv_max or n)
+    if cfg.kv_budget:
+        per_block = int(cfg.kv_budget * sum(p.numel() for p in model.parameters())) // blocks
+        m = min(m, max(1, per_block // (kvh * (2 * hd + 2))))  # key, value, bias, position per key/value head
+    return m
 
 
 def _prompt_kv(model: nn.Module, pairs: TokenPairs) -> list[tuple[Tensor, Tensor, int]]:
@@ -540,6 +553,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     prompt_kv = _prompt_kv(model, pairs) if cfg.kv else None
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
+    n_slots = _n_slots(cfg, model, len(pairs.prefix_prompted), prompt_kv, len(fit_layers)) if prompt_kv else 0
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
     energies: list[float] = []
@@ -552,8 +566,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
             fit = i in fit_layers
             slots = None
             if fit and prompt_kv is not None:
-                m = _n_slots(cfg, len(pairs.prefix_prompted))
-                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], m, cfg)
+                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots, cfg)
             own = layer_hook_specs(model, Patch({i: slots}, cfg.placement, skip), pos) if slots else []
             for ch in chunks:
                 rows = _step_prompted(blk, ch, spill)

@@ -76,6 +76,12 @@ def test_compressed_slots_round_trip_and_help(tiny_dir):
     fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3)
     capped = condense(lm.model, fit, CondenseConfig(kv=1.0, kv_max=3, attn="none", vector=False, matrix=False))
     assert capped.layers[0].kv_key.shape == (2, 3, 8) and capped.meta["method.kv_max"] == "3"
+    per_slot = 2 * (2 * 8 + 2)  # key, value, bias, position per key/value head
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    budget = CondenseConfig(kv=1.0, kv_budget=7.5 * per_slot / n_params, attn="none", vector=False, matrix=False)
+    spread = condense(lm.model, fit, budget)  # 7 slots' worth over 3 blocks: 2 each
+    assert {lp.kv_key.shape[1] for lp in spread.layers.values()} == {2} and spread.meta["method.kv_budget"]
+    assert spread.numel() <= budget.kv_budget * n_params
     patch = condense(lm.model, fit, CondenseConfig(kv=0.25, attn="none", vector=False, matrix=False))
     slots = max(1, round(0.25 * len(fit.prefix_prompted)))
     assert patch.layers[0].kv_key.shape == (2, slots, 8) and patch.meta["method.kv"] == "0.25"
@@ -103,7 +109,12 @@ def test_bad_slot_files_and_configs(tiny_dir):
     patch.meta = {k: v for k, v in patch.meta.items() if k != "parameters"}
     with pytest.raises(UsageError, match="kv.key and kv.value"):
         patch_from_bytes(patch_to_bytes(patch))
-    for bad in (CondenseConfig(kv=1.5), CondenseConfig(kv=0.5, bakeable=True, skip=0), CondenseConfig(kv_max=0)):
+    for bad in (
+        CondenseConfig(kv=1.5),
+        CondenseConfig(kv=0.5, bakeable=True, skip=0),
+        CondenseConfig(kv_max=0),
+        CondenseConfig(kv=1.0, kv_budget=1.5),
+    ):
         with pytest.raises(UsageError, match="kv"):
             bad.validate()
     two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
