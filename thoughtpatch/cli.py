@@ -246,11 +246,11 @@ def extract(
     queries = load_probes(probes)
     lm = _load(model, dtype, device, device_map=device_map, max_memory=max_memory)
     with progress("extract", len(queries)) as step:
-        result = run_extract(  # under torchrun rank 0 writes the one output
+        result = run_extract(
             lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check, batch_size=batch_size,
-            store_prompt=store_prompt, output=output if is_main() else None, log=log, progress=step,
+            store_prompt=store_prompt, output=output, log=log, progress=step,
         )  # fmt: skip
-    if not is_main():
+    if not is_main():  # under torchrun rank 0 writes the one output
         return
     summary = result.summary()
     summary["processes"] = world()[1]

@@ -297,7 +297,7 @@ def read_tensors(path: str | Path, names: set[str], what: str) -> tuple[dict, di
 def _read_some(fh, size: int | None, names: set[str], what: str) -> tuple[dict, dict[str, str], dict]:
     first = _take(fh, 8)
     n = struct.unpack("<Q", first)[0] if len(first) == 8 else 0
-    header, _ = split_header(first + _take(fh, min(n, MAX_HEADER + 1)), what)
+    header, _ = split_header(first + _take(fh, n if n <= MAX_HEADER else 0), what)
     if size is not None:
         _check_entries(header, size - 8 - n, what)
     wanted = sorted((e["data_offsets"], k) for k, e in header.items() if k in names)

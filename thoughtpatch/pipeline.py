@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import is_main
 from .errors import UsageError
 from .extract import Tally, Updates, check_rows, extract_rows, teacher_answers, updates_from_rows
 from .formats import UpdatesWriter, check_tokenizer, fingerprint, tokenizer_sha256
@@ -108,8 +109,9 @@ def run_extract(
 ) -> ExtractResult:
     """Align the runs, teacher-force the prompted answers, extract the exact updates (and check them).
 
-    With ``output`` (a path, ``-`` for stdout) the updates go to that file batch by batch and are not kept:
-    memory holds one batch of them whatever the number of probes; without, they come back in the result.
+    With ``output`` (a path, ``-`` for stdout; under ``torchrun`` rank 0 writes it) the updates go to that file
+    batch by batch and are not kept: memory holds one batch of them whatever the number of probes; without,
+    they come back in the result.
     """
     seconds = {}
     t = time.perf_counter()
@@ -123,7 +125,7 @@ def run_extract(
     t, checking = time.perf_counter(), 0.0
     meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
     tally, kept, worst, routing = Tally(pairs), [], 0.0, {}
-    with UpdatesWriter(output, pairs, meta) if output else contextlib.nullcontext() as writer:
+    with UpdatesWriter(output, pairs, meta) if output and is_main() else contextlib.nullcontext() as writer:
         for rows in extract_rows(lm.model, pairs, batch_size=batch_size, progress=progress):
             tally.add(rows)
             if do_check:
@@ -132,7 +134,7 @@ def run_extract(
                 checking += time.perf_counter() - c
             if writer:
                 writer.add(rows)
-            else:
+            elif not output:
                 kept.append(rows)
         sink = tally.sink()
         if writer:
