@@ -2,8 +2,11 @@
 
 Every point runs in its own process (peak RSS from ``ru_maxrss``), next to the model's own inference
 footprint measured the same way: load the model, one plain prompted forward pass over one batch of probes.
+``--stage files`` measures the two-step path instead, as users run it: ``thoughtpatch extract --probes P
+-o updates.safetensors``, then ``thoughtpatch condense updates.safetensors -o patch.safetensors``, each in its
+own process; its probes are the benchmark tasks' fit lines, cycled (and numbered past the first round).
 
-python scripts/bench_scaling.py [--probes 64,256,1024] [--models tiny,default] [--mode best] [--json]
+python scripts/bench_scaling.py [--probes 64,256,1024] [--models tiny,default] [--mode best] [--stage files] [--json]
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def _one(args) -> dict:
     from thoughtpatch.pipeline import run_transmute
     from thoughtpatch.prompts import align
 
+    if args.what in ("extract", "condense"):
+        return _command(args)
     torch.set_grad_enabled(False)
     lm = load_model(args.model)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -74,8 +79,65 @@ def _one(args) -> dict:
     } | extra
 
 
-def _spawn(model: str | None, what: str, n: int, args) -> dict:
+def _probes(n: int) -> list[str]:
+    """``n`` probe lines: the benchmark tasks' fit lines, cycled, numbered past the first round."""
+    lines = [x for f in sorted(ROOT.glob("benchmarks/tasks/*/fit.txt")) for x in f.read_text().splitlines() if x]
+    return [lines[i % len(lines)] + (f" (variant {i // len(lines)})" if i >= len(lines) else "") for i in range(n)]
+
+
+def _command(args) -> dict:
+    """``thoughtpatch extract`` or ``condense`` as users run it, in this process (files in ``args.work``)."""
+    from thoughtpatch.cli import app
+
+    work = Path(args.work)
+    updates = str(work / f"updates-{args.n}.safetensors")
+    if args.what == "extract":
+        (work / "probes.txt").write_text("\n".join(_probes(args.n)) + "\n")
+        cmd = ["extract", args.prompt, "--probes", str(work / "probes.txt"), "-o", updates]
+        cmd += ["--batch-size", str(args.batch_size)]
+    else:
+        cmd = ["condense", updates, "-o", str(work / "patch.safetensors"), "--mode", args.mode]
+    t = time.perf_counter()
+    app([*cmd, "-q"] + (["--model", args.model] if args.model else []), standalone_mode=False)
+    return {
+        "seconds": time.perf_counter() - t,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "file_mb": Path(updates).stat().st_size / 2**20,
+    }
+
+
+def _files(args) -> None:
+    """``--stage files``: extract then condense through an updates file, per model and probe count."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            model = _model_dir(name, Path(tmp))
+            for n in (int(x) for x in args.probes.split(",") if x):
+                r = {"model": name, "probes": n}
+                for what in ("extract", "condense"):
+                    out = _spawn(model, what, n, args, ["--work", tmp])
+                    r |= {f"{what}_{k}": v for k, v in out.items() if k != "file_mb"} | {"file_mb": out["file_mb"]}
+                rows.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                Path(tmp, f"updates-{n}.safetensors").unlink()
+    if args.json:
+        print(json.dumps({"mode": args.mode, "batch_size": args.batch_size, "points": rows}, indent=2))
+        return
+    print(f"extract (batch {args.batch_size}) -> updates file -> condense --mode {args.mode}\n")
+    print(
+        "| model | probes | updates file (MB) | extract s | extract peak RSS (MB) | condense s | condense peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['probes']} | {r['file_mb']:.0f} | {r['extract_seconds']:.1f} | "
+            f"{r['extract_peak_rss_mb']:.0f} | {r['condense_seconds']:.1f} | {r['condense_peak_rss_mb']:.0f} |"
+        )
+
+
+def _spawn(model: str | None, what: str, n: int, args, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--mode", args.mode, "--prompt", args.prompt]
+    cmd += list(extra)
     cmd += ["--batch-size", str(args.batch_size), "--heap", args.heap] + (["--model", model] if model else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error") | (
         {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.heap == "mmap" else {}
@@ -99,8 +161,10 @@ def main() -> None:
         default="glibc",
         help="mmap: MALLOC_MMAP_THRESHOLD_=131072; trim: malloc_trim after each block",
     )
+    ap.add_argument("--stage", choices=["transmute", "files"], default="transmute")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--one", choices=["inference", "transmute"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=["inference", "transmute", "extract", "condense"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,6 +172,8 @@ def main() -> None:
         args.what = args.one
         print(json.dumps(_one(args)))
         return
+    if args.stage == "files":
+        return _files(args)
     import torch
 
     rows = []

@@ -241,7 +241,6 @@ def extract(
 ) -> None:
     """Record the exact token-dependent implicit updates of a prompt, per query token and block."""
     from .distributed import is_main, world
-    from .formats import updates_to_bytes
     from .pipeline import run_extract
     from .prompts import load_probes, load_prompt
 
@@ -255,17 +254,14 @@ def extract(
     lm = _load(model, dtype, device, device_map=device_map, max_memory=max_memory)
     with progress("extract", len(queries)) as step:
         result = run_extract(
-            lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check,
-            batch_size=batch_size, store_prompt=store_prompt, log=log, progress=step,
+            lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check, batch_size=batch_size,
+            store_prompt=store_prompt, output=output, log=log, progress=step,
         )  # fmt: skip
-    summary = result.summary()
     if not is_main():  # under torchrun rank 0 writes the one output
         return
+    summary = result.summary()
     summary["processes"] = world()[1]
     if output:
-        from .files import write_bytes
-
-        write_bytes(output, updates_to_bytes(result.updates, result.meta))
         summary["output"] = output
     if json_out:
         _emit_json(summary)
@@ -403,7 +399,7 @@ def condense(
     """Condense implicit updates into a token-independent patch (thought vectors, matrices, attention maps)."""
     from .distributed import is_main
     from .files import read_bytes
-    from .formats import updates_from_bytes
+    from .formats import read_pairs, updates_from_bytes
     from .pipeline import run_condense
 
     _setup(quiet, output)
@@ -413,12 +409,16 @@ def condense(
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
         kv=kv, kv_max=kv_max, kv_budget=kv_budget,
     )  # fmt: skip
-    updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), f"updates file {updates_file}")
+    what = f"updates file {updates_file}"
+    if cfg.construction == "parallel":  # condenses the updates themselves
+        updates, umeta = updates_from_bytes(read_bytes(updates_file, "updates file"), what)
+    else:  # re-runs the model: needs only the token ids
+        updates, umeta = read_pairs(updates_file, what)
     lm = _load(
         model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg, device_map,
         max_memory,
     )  # fmt: skip
-    log(f"condensing {updates.n_tokens} query tokens ({cfg.construction})")
+    log(f"condensing {umeta['tokens']} query tokens ({cfg.construction})")
     with progress("condense", lm.model.config.num_hidden_layers) as step:
         patch, seconds = run_condense(lm, updates, umeta, cfg, progress=step)
     if not is_main():

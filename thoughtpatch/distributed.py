@@ -9,14 +9,14 @@ order of additions changes the last bits.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from .errors import UsageError
 
-__all__ = ["init", "world", "is_main", "shard", "gather_rows", "share"]
+__all__ = ["init", "world", "is_main", "shard", "gather_each", "share"]
 
 
 def init(cuda: bool = False) -> None:
@@ -48,15 +48,18 @@ def shard(n: int) -> range:
     return range(rank * n // size, (rank + 1) * n // size)
 
 
-def gather_rows(parts: list[Tensor], device: torch.device | None = None) -> Tensor:
-    """``torch.cat`` of this rank's rows and every other rank's, in rank (hence chunk) order."""
-    if world()[1] == 1:
-        return torch.cat(parts)
-    local = torch.cat(parts).cpu() if parts else None
-    every: list[Tensor | None] = [None] * world()[1]
-    dist.all_gather_object(every, local)
-    out = torch.cat([t for t in every if t is not None])
-    return out.to(device if device is not None else parts[0].device if parts else "cpu")
+def gather_each(mine: Iterable, total: int) -> Iterator:
+    """Every rank's items, each on every rank (``mine``: this rank's share of ``total`` chunks, see
+    :func:`shard`), one item per rank at a time: at most one chunk per rank is held at once. Alone: ``mine``."""
+    size = world()[1]
+    if size == 1:
+        yield from mine
+        return
+    it = iter(mine)
+    for _ in range(max((r + 1) * total // size - r * total // size for r in range(size))):
+        every: list = [None] * size
+        dist.all_gather_object(every, next(it, None))
+        yield from (item for item in every if item is not None)
 
 
 def share(spill, key: str, mine: list[int], total: int) -> None:

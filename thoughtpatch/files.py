@@ -34,6 +34,11 @@ __all__ = [
     "array_from_bytes",
     "array_to_bytes",
     "Spill",
+    "StreamedTensors",
+    "read_tensors",
+    "tensor_header",
+    "tensor_bytes",
+    "head_bytes",
 ]
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we are willing to parse
@@ -60,9 +65,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _default_mode(tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -71,6 +74,75 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _default_mode(path: str) -> None:
+    """The permissions a plain ``open`` would give (temp files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+class StreamedTensors:
+    """A safetensors file written piece by piece: the header first, then each tensor's rows at their offsets.
+
+    ``specs`` gives every tensor as ``name: (torch dtype name, shape)``; the finished file has the bytes
+    :func:`save_tensors` would write for the same tensors. It is written like :func:`write_bytes`: a temp
+    file next to ``path``, fsync, rename when the ``with`` block succeeds, removed if it fails or is
+    interrupted; ``-`` copies the finished file to stdout (from a temp file in the system temp folder).
+    """
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str]):
+        check_output(path)
+        self.path = str(path)
+        self.header = tensor_header(specs, metadata)
+        self._head = head_bytes(self.header)
+
+    def __enter__(self) -> StreamedTensors:
+        target = Path(self.path)
+        folder, name = (None, "stdout") if self.path == "-" else (target.parent, target.name)
+        self._fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            body = max((e["data_offsets"][1] for k, e in self.header.items() if k != "__metadata__"), default=0)
+            os.ftruncate(self._fd, len(self._head) + body)
+            self._pwrite(self._head, 0)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, name: str, t: torch.Tensor, row: int = 0) -> None:
+        """Write ``t`` as tensor ``name``'s rows from ``row`` on (the whole tensor by default)."""
+        e = self.header[name]
+        start, end = e["data_offsets"]
+        raw = tensor_bytes(t)
+        at = start + row * ((end - start) // max(e["shape"][0], 1) if e["shape"] else 0)
+        if at + len(raw) > end:
+            raise ValueError(f"{len(raw)} bytes at row {row} overflow tensor {name!r}")
+        self._pwrite(raw, len(self._head) + at)
+
+    def _pwrite(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
+
+    def __exit__(self, exc_type, *rest) -> None:
+        try:
+            if exc_type is not None:
+                return
+            if self.path == "-":
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                while chunk := os.read(self._fd, 1 << 20):
+                    sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            else:
+                os.fsync(self._fd)
+                _default_mode(self._tmp)
+                os.replace(self._tmp, self.path)
+        finally:
+            os.close(self._fd)
+            Path(self._tmp).unlink(missing_ok=True)
 
 
 def read_bytes(path: str | Path, what: str) -> bytes:
@@ -100,28 +172,43 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     Tensors are laid out in name order and the JSON header has sorted keys (the safetensors library
     itself orders metadata by hash, which differs from run to run).
     """
+    ts = {k: tensors[k].detach().contiguous().cpu() for k in tensors}
+    header = tensor_header({k: (str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in ts.items()}, metadata)
+    return join_header(header, b"".join(tensor_bytes(ts[name]) for name in sorted(ts)))
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw little-endian bytes, as safetensors stores them."""
     import torch
 
+    t = t.detach().contiguous().cpu()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensor_header(specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str]) -> dict:
+    """The safetensors header of tensors given as ``name: (torch dtype name, shape)``, laid out in name order."""
     header: dict[str, object] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {
-            "dtype": _DTYPES[str(t.dtype).removeprefix("torch.")],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        blobs.append(raw)
-        offset += len(raw)
-    return join_header(header, b"".join(blobs))
+    offset = 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = _SIZES[_DTYPES[dtype]]
+        for n in shape:
+            size *= n
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return header
+
+
+def head_bytes(header: dict) -> bytes:
+    """The bytes before the tensor data: the header's length and its JSON (sorted keys, padded to 8 bytes)."""
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
 
 
 def join_header(header: dict, body: bytes) -> bytes:
     """Safetensors bytes: the JSON header (sorted keys, padded to 8 bytes) and the tensor bytes it describes."""
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + body
+    return head_bytes(header) + body
 
 
 def split_header(data: bytes, what: str) -> tuple[dict, bytes]:
@@ -192,6 +279,61 @@ def load_tensors(data: bytes, what: str, numpy: bool = False) -> tuple[dict, dic
     except Exception as exc:  # safetensors raises its own error types
         raise UsageError(f"{what}: corrupt safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, meta
+
+
+def read_tensors(path: str | Path, names: set[str], what: str) -> tuple[dict, dict[str, str], dict]:
+    """Only the tensors ``names`` of a safetensors file, its metadata and every tensor's header entry (checked
+    as by :func:`load_tensors`), without reading the other tensors into memory: they are skipped, or from
+    stdin (``-``) read through to its end and dropped."""
+    if str(path) == "-":
+        return _read_some(sys.stdin.buffer, None, names, what)
+    p = Path(path)
+    if not p.exists() or p.is_dir():
+        raise UsageError(f"{what} {path}: no such file")
+    with p.open("rb") as fh:
+        return _read_some(fh, p.stat().st_size, names, what)
+
+
+def _read_some(fh, size: int | None, names: set[str], what: str) -> tuple[dict, dict[str, str], dict]:
+    first = _take(fh, 8)
+    n = struct.unpack("<Q", first)[0] if len(first) == 8 else 0
+    header, _ = split_header(first + _take(fh, n if n <= MAX_HEADER else 0), what)
+    if size is not None:
+        _check_entries(header, size - 8 - n, what)
+    wanted = sorted((e["data_offsets"], k) for k, e in header.items() if k in names)
+    sub: dict = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
+    raws, at, out = [], 0, 0
+    for (start, end), name in wanted:
+        if start < at:
+            raise UsageError(f"{what}: tensor {name!r} overlaps another")
+        _skip(fh, start - at)
+        raws.append(_take(fh, end - start))
+        sub[name] = header[name] | {"data_offsets": [out, out + end - start]}
+        at, out = end, out + end - start
+    if size is None:  # a stream: read through to its end, and only then check the header against it
+        _check_entries(header, at + _skip(fh, None), what)
+    tensors, meta = load_tensors(join_header(sub, b"".join(raws)), what)
+    return tensors, meta, {k: e for k, e in header.items() if k != "__metadata__"}
+
+
+def _take(fh, n: int) -> bytes:
+    """Up to ``n`` bytes, read in chunks (a huge declared size allocates nothing beyond what is there)."""
+    parts = []
+    while n > 0 and (chunk := fh.read(min(n, 1 << 20))):
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _skip(fh, n: int | None) -> int:
+    """Pass over ``n`` bytes (all that is left: ``None``); how many there were."""
+    if n is not None and fh.seekable():
+        fh.seek(n, os.SEEK_CUR)
+        return n
+    done = 0
+    while (n is None or done < n) and (chunk := fh.read(1 << 20 if n is None else min(n - done, 1 << 20))):
+        done += len(chunk)
+    return done
 
 
 _NUMPY = {v: k.replace("bfloat16", "uint16") for k, v in _DTYPES.items()}  # safetensors -> numpy (bf16 as bits)

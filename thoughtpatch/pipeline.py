@@ -5,6 +5,7 @@ The CLI parses arguments, calls one of these and prints; the Python API can call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import is_main
 from .errors import UsageError
-from .extract import Updates, check, extract, teacher_answers
-from .formats import check_tokenizer, fingerprint, tokenizer_sha256
+from .extract import Tally, Updates, check_rows, extract_rows, teacher_answers, updates_from_rows
+from .formats import UpdatesWriter, check_tokenizer, fingerprint, tokenizer_sha256
 from .models import LoadedModel
 from .prompts import Prompt, TokenPairs, align, default_probes, sha256_text
 
@@ -62,27 +64,28 @@ def provenance(lm: LoadedModel, prompt: Prompt, queries: list[str], store_prompt
 
 @dataclass
 class ExtractResult:
-    updates: Updates
+    updates: Updates | None  # None when written to a file as they came
     meta: dict[str, str]
+    pairs: TokenPairs
+    tally: Tally
+    sink: torch.Tensor
     max_logit_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     routing: dict[str, int] = field(default_factory=dict)  # mixture of experts: expert choices checked, differing
 
     def summary(self) -> dict[str, object]:
-        up = self.updates
-        keep = ~up.sink
         return {
-            "layers": up.n_layers,
-            "tokens": up.n_tokens,
-            "queries": len(up.pairs.queries),
+            "layers": int(self.sink.shape[0]),
+            "tokens": int(self.sink.shape[1]),
+            "queries": len(self.pairs.queries),
             "answer_tokens": int(self.meta.get("answer_tokens", 0)),
-            "sink_positions": int(up.sink.any(0).sum()),
-            "prompt_tokens": len(up.pairs.prefix_prompted),
-            "prompt_free_prefix_tokens": len(up.pairs.prefix_free),
+            "sink_positions": int(self.sink.any(0).sum()),
+            "prompt_tokens": len(self.pairs.prefix_prompted),
+            "prompt_free_prefix_tokens": len(self.pairs.prefix_free),
             "max_logit_error": self.max_logit_error,
             **({"expert_choices": self.routing} if self.routing else {}),
-            "mean_delta_norm": [round(float(d[k].norm(dim=-1).mean()), 4) for d, k in zip(up.delta, keep, strict=True)],
-            "mean_u_norm": [round(float(u[k].norm(dim=-1).mean()), 4) for u, k in zip(up.u, keep, strict=True)],
+            "mean_delta_norm": [round(x, 4) for x in self.tally.mean(2, self.sink)],
+            "mean_u_norm": [round(x, 4) for x in self.tally.mean(3, self.sink)],
             "prompt_sha256": self.meta["prompt_sha256"],
             "probes_sha256": self.meta["probes_sha256"],
             "base_model": self.meta["base_model"],
@@ -100,10 +103,16 @@ def run_extract(
     do_check: bool = False,
     batch_size: int = 16,
     store_prompt: bool = True,
+    output: str | None = None,
     log: Callable[[str], None] = lambda s: None,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    """Align the runs, teacher-force the prompted answers, extract the exact updates (and check them)."""
+    """Align the runs, teacher-force the prompted answers, extract the exact updates (and check them).
+
+    With ``output`` (a path, ``-`` for stdout; under ``torchrun`` rank 0 writes it) the updates go to that file
+    batch by batch and are not kept: memory holds one batch of them whatever the number of probes; without,
+    they come back in the result.
+    """
     seconds = {}
     t = time.perf_counter()
     pairs = align(lm.tokenizer, prompt, queries, chat)
@@ -113,17 +122,28 @@ def run_extract(
     )
     pairs = teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
     seconds["answers"] = time.perf_counter() - t
-    t = time.perf_counter()
-    updates = extract(lm.model, pairs, batch_size=batch_size, progress=progress)
-    seconds["extract"] = time.perf_counter() - t
+    t, checking = time.perf_counter(), 0.0
     meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
-    result = ExtractResult(updates, meta, seconds=seconds)
+    tally, kept, worst, routing = Tally(pairs), [], 0.0, {}
+    with UpdatesWriter(output, pairs, meta) if output and is_main() else contextlib.nullcontext() as writer:
+        for rows in extract_rows(lm.model, pairs, batch_size=batch_size, progress=progress):
+            tally.add(rows)
+            if do_check:
+                c = time.perf_counter()
+                worst = max(worst, check_rows(lm.model, pairs, rows, routing))
+                checking += time.perf_counter() - c
+            if writer:
+                writer.add(rows)
+            elif not output:
+                kept.append(rows)
+        sink = tally.sink()
+        if writer:
+            writer.finish(sink)
+    seconds["extract"] = time.perf_counter() - t - checking
     if do_check:
-        t = time.perf_counter()
-        with torch.no_grad():
-            result.max_logit_error = check(lm.model, updates, batch_size=batch_size, routing=result.routing)
-        seconds["check"] = time.perf_counter() - t
-    return result
+        seconds["check"] = checking
+    updates = updates_from_rows(kept, pairs, sink) if kept else None
+    return ExtractResult(updates, meta, pairs, tally, sink, worst if do_check else None, seconds, routing)
 
 
 # ------------------------------------------------------------------------------------------ condensation
@@ -200,23 +220,27 @@ def run_transmute(
     return patch, {"answers": t1 - t0, "condense": t2 - t1, "total": t2 - t0}
 
 
-def run_condense(lm: LoadedModel, updates: Updates, umeta: dict[str, str], cfg, progress=None):
-    """Condense an updates file: parallel from its statistics, sequential by re-running the model."""
+def run_condense(lm: LoadedModel, updates: Updates | TokenPairs, umeta: dict[str, str], cfg, progress=None):
+    """Condense an updates file: parallel from its statistics, sequential by re-running the model (which
+    needs only its token pairs: ``updates`` may be just those)."""
     from .condense import condense, condense_updates
 
+    pairs = updates.pairs if isinstance(updates, Updates) else updates
     check_tokenizer(umeta, lm.tokenizer, "the updates file")
-    check_context(lm, updates.pairs, 0)
+    check_context(lm, pairs, 0)
     t0 = time.perf_counter()
     if cfg.construction == "parallel":
+        if not isinstance(updates, Updates):
+            raise TypeError("the parallel construction condenses the updates themselves, not only their token pairs")
         patch = condense_updates(updates, cfg)
     else:
-        patch = condense(lm.model, updates.pairs, cfg, progress=progress)
+        patch = condense(lm.model, pairs, cfg, progress=progress)
     keep = {
         k: v
         for k, v in umeta.items()
         if k in ("prompt_sha256", "prompt", "probes_sha256", "answer_tokens", "compute_dtype", "tokenizer_sha256")
     }
-    _patch_meta(patch, lm, keep, updates.n_tokens, time.perf_counter() - t0)
+    _patch_meta(patch, lm, keep, sum(len(q) for q in pairs.queries), time.perf_counter() - t0)
     return patch, {"condense": time.perf_counter() - t0}
 
 
