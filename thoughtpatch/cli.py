@@ -94,8 +94,8 @@ KvMax = Annotated[int | None, typer.Option(help="At most this many virtual key/v
 KvBudget = Annotated[
     float | None,
     typer.Option(
-        help="All slots together take at most this share of the model's parameters (e.g. 0.0008), spread over "
-        "the blocks by the attention they put on the prompt."
+        help="All slots together take at most this share of the model's parameters (e.g. 0.0008), the same "
+        "number in every block."
     ),
 ]
 TrustRemoteCode = Annotated[
@@ -415,8 +415,7 @@ def condense(
     else:  # re-runs the model: needs only the token ids
         updates, umeta = read_pairs(updates_file, what)
     lm = _load(
-        model or umeta.get("base_model"), dtype, device, umeta, f"updates file {updates_file}", cfg, device_map,
-        max_memory,
+        model or umeta.get("base_model"), dtype, device, umeta, what, cfg, device_map, max_memory,
     )  # fmt: skip
     log(f"condensing {umeta['tokens']} query tokens ({cfg.construction})")
     with progress("condense", lm.model.config.num_hidden_layers) as step:

@@ -172,9 +172,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     Tensors are laid out in name order and the JSON header has sorted keys (the safetensors library
     itself orders metadata by hash, which differs from run to run).
     """
-    ts = {k: tensors[k].detach().contiguous().cpu() for k in tensors}
-    header = tensor_header({k: (str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in ts.items()}, metadata)
-    return join_header(header, b"".join(tensor_bytes(ts[name]) for name in sorted(ts)))
+    specs = {k: (str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in tensors.items()}
+    return join_header(tensor_header(specs, metadata), b"".join(tensor_bytes(tensors[k]) for k in sorted(tensors)))
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
