@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--workdir", default=None, help="Where the copies go (default: a temporary folder).")
+    ap.add_argument("--devices", default="cpu", help="Bake on each of these (comma-separated: cpu,cuda).")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,6 +95,8 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     from thoughtpatch.models import default_model_dir
+
+    devices = args.devices.split(",")
 
     py = sys.executable
     work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-bake-"))
@@ -112,22 +115,13 @@ def main() -> None:
         if patch is None:
             patch = str(work / "patch.safetensors")
             subprocess.run([py, "-m", "thoughtpatch", "transmute", "examples/french.txt", "--model", str(src),
-                            "--mode", "bakeable", "-o", patch, "-q"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                            "--mode", "bakeable", "-o", patch, "-q", "--device", devices[-1]], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
         shards = sorted(src.glob("*.safetensors"))
         subprocess.run(["cat", *map(str, shards)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache
+        bake = [py, "-m", "thoughtpatch", "apply", patch, "--model", str(src), "-q", "--save"]
         runs = {
-            "thoughtpatch apply --save": lambda o: [
-                py,
-                "-m",
-                "thoughtpatch",
-                "apply",
-                patch,
-                "--model",
-                str(src),
-                "--save",
-                o,
-                "-q",
-            ],  # fmt: skip
+            **{f"thoughtpatch apply --save --device {d}": lambda o, d=d: [*bake, o, "--device", d] for d in devices},
             "from_pretrained + patch + save_pretrained": lambda o: [py, "-c", HF, str(src), patch, o],
             f"peft LoRA r={args.lora_rank}: merge_and_unload + save_pretrained": lambda o: [
                 py,
@@ -163,7 +157,7 @@ def main() -> None:
             for k, v in results.items()
         }
         largest = max(p.stat().st_size for p in shards) / 2**20
-        ours, cp, cps = rows["thoughtpatch apply --save"], rows["cp -r"], rows["cp -r + sync"]
+        ours, cp, cps = rows[f"thoughtpatch apply --save --device {devices[0]}"], rows["cp -r"], rows["cp -r + sync"]
         doc = {
             "model": model,
             "checkpoint_mb": round(sum(p.stat().st_size for p in shards) / 2**20, 1),

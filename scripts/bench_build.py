@@ -1,6 +1,6 @@
 """Patch build time: `transmute` with N probes on the default model, per mode, with its stages.
 
-python scripts/bench_build.py [--probes 64] [--modes best,bakeable,compact] [--json]
+python scripts/bench_build.py [--model M] [--probes 64] [--modes best,bakeable,compact] [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -17,17 +17,24 @@ from thoughtpatch.constants import PRESETS
 from thoughtpatch.pipeline import run_transmute
 
 
+def machine(device: str) -> str:
+    """The hardware a figure was measured on: the GPU's name on CUDA."""
+    cpu = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    return f"{torch.cuda.get_device_name()}, {cpu}" if device.startswith("cuda") else cpu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompt", default="examples/french.txt")
     ap.add_argument("--probes", type=int, default=64)
     ap.add_argument("--modes", default="best,bakeable,compact")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     t = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
     load_s = time.perf_counter() - t
     probes = (default_probes() * 16)[: args.probes]
     rows = {}
@@ -41,7 +48,7 @@ def main() -> None:
         "probes": len(probes),
         "load_seconds": round(load_s, 2),
         "modes": rows,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "machine": machine(args.device),
     }
     if args.json:
         print(json.dumps(doc, indent=2))

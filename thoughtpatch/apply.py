@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import architecture_for
-from .engine import Block, active_positions, blocks, hooks
+from .engine import Block, active_positions, blocks, device_of, hooks
 from .errors import UsageError
 from .patch import LayerPatch, Patch, validate_for
 from .virtual import Slots, dispatch, slot_hooks
@@ -106,17 +106,17 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             o = args[0]
             delta = torch.zeros_like(o)
             if lp.attn_weight is not None:
-                w = lp.attn_weight.to(o.dtype)
+                w = lp.attn_weight.to(o)
                 oh = o.unflatten(-1, (heads, head_dim))
                 d = oh * w[:, None] if w.dim() == 1 else per_head(oh, w)
                 delta = delta + d.flatten(-2)
             if lp.attn_bias is not None:
-                delta = delta + lp.attn_bias.to(o.dtype)
+                delta = delta + lp.attn_bias.to(o)
             x = seen.pop("x", None)
             if lp.attn_query is not None:
-                delta = delta + x @ lp.attn_query.to(o.dtype).T
+                delta = delta + x @ lp.attn_query.to(o).T
             if lp.attn_gate is not None:
-                g = lp.attn_gate.to(o.dtype)
+                g = lp.attn_gate.to(o)
                 scale = g[:, 0] + x @ g[:, 1:].T  # (..., H)
                 delta = delta + (o.unflatten(-1, (heads, head_dim)) * scale[..., None]).flatten(-2)
             return (o + pos.gate(delta), *args[1:])
@@ -128,7 +128,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
 
         def add_vector(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            h = h + pos.gate(vector.to(h.dtype).expand_as(h))
+            h = h + pos.gate(vector.to(h).expand_as(h))
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         specs.append((site, "fwd", add_vector))
@@ -136,7 +136,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
 
         def matrix(module, args):  # z -> (I + M) z before every module that reads z (experts and router too)
             z = args[0]
-            return (z + pos.gate((z @ lp.matrix_a.to(z.dtype)) @ lp.matrix_b.to(z.dtype).T), *args[1:])
+            return (z + pos.gate((z @ lp.matrix_a.to(z)) @ lp.matrix_b.to(z).T), *args[1:])
 
         specs.append((blk.mlp, "pre", matrix))
     if lp.kv_key is not None:
@@ -172,7 +172,7 @@ def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0
         states, kvh = [], kv_heads(model)
         for patch in patches:
             validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kvh)
-            p = patch.scaled(scale) if scale != 1.0 else patch
+            p = (patch.scaled(scale) if scale != 1.0 else patch).to(device_of(model))
             pos = Positions(p.skip)
             handle = model.register_forward_pre_hook(pos.from_call, with_kwargs=True)
             stack.callback(handle.remove)

@@ -267,12 +267,17 @@ class MatrixStats:
 
 
 def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
-    """Factors ``B, A`` (d, k) with ``B A^T`` the best rank-k approximation of ``m``, and the energy kept."""
+    """Factors ``B, A`` (d, k) with ``B A^T`` the best rank-k approximation of ``m``, and the energy kept.
+
+    Each column of ``A`` has its largest entry positive, so that the factors do not depend on the signs the
+    SVD of one device or library happens to choose."""
     u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
     k = len(s) if rank is None else min(rank, len(s))
     total = float((s**2).sum())
     kept = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
-    return u[:, :k] * s[:k], vh[:k].T.contiguous(), kept
+    a = vh[:k].T
+    sign = torch.where(a.gather(0, a.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(a)
+    return u[:, :k] * (s[:k] * sign), (a * sign).contiguous(), kept
 
 
 Rows = Callable[[], Iterable[tuple[Tensor, Tensor, Tensor | None]]]  # a fresh pass over (o0, oc, x) row blocks
@@ -299,7 +304,7 @@ def fit_gate(s: Tensor, c: Tensor, ridge: float) -> Tensor:
     """
     p = s.shape[-1]
     reg = (ridge * torch.diagonal(s, dim1=-2, dim2=-1)[:, 1:].sum(-1) / (p - 1))[:, None, None] * torch.eye(
-        p, dtype=s.dtype
+        p, dtype=s.dtype, device=s.device
     )
     reg[:, 0, 0] = 0
     return torch.linalg.solve(s + reg, c[..., None])[..., 0]
@@ -521,7 +526,7 @@ def condense(
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
     with dispatch(model) if cfg.kv else contextlib.nullcontext():
-        return _sequential(model, pairs, cfg, progress)
+        return _sequential(model, pairs, cfg, progress).to("cpu")
 
 
 def _n_slots(cfg: CondenseConfig, model: nn.Module, n: int, prompt_kv: list, blocks: int) -> int:

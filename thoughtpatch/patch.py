@@ -37,6 +37,7 @@ from .files import load_tensors, save_tensors
 from .schema import TEXT, Schema, block_list, check_meta, fingerprint_field, natural, one_of
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 __all__ = [
@@ -110,6 +111,9 @@ class LayerPatch:
         s.update({k: getattr(self, k) for k in ("matrix_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
         return LayerPatch(**s)
 
+    def to(self, device: torch.device | str) -> LayerPatch:
+        return LayerPatch(**{k: (None if v is None else v.to(device)) for k, v in vars(self).items()})
+
 
 @dataclass
 class Patch:
@@ -135,6 +139,10 @@ class Patch:
 
     def scaled(self, alpha: float) -> Patch:
         return Patch({i: lp.scaled(alpha) for i, lp in self.layers.items()}, self.placement, self.skip, dict(self.meta))
+
+    def to(self, device: torch.device | str) -> Patch:
+        """The same patch with its tensors on ``device`` (no copy of those already there)."""
+        return Patch({i: lp.to(device) for i, lp in self.layers.items()}, self.placement, self.skip, dict(self.meta))
 
 
 def patch_to_bytes(patch: Patch) -> bytes:

@@ -71,14 +71,14 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         near = where.to(dev)[:, None, :, None] - slots.position.to(dev).repeat_interleave(g, 0)[None, :, None, :]
         reads = reads & (near < window)
     allowed = torch.cat([reads, allowed.expand(b, reads.shape[1], t, s) if reads.shape[1] > 1 else allowed], -1)
-    keys = torch.cat([slots.key.to(key.dtype)[None].expand(b, -1, -1, -1), key], 2)
-    values = torch.cat([slots.value.to(value.dtype)[None].expand(b, -1, -1, -1), value], 2)
+    keys = torch.cat([slots.key.to(key)[None].expand(b, -1, -1, -1), key], 2)
+    values = torch.cat([slots.value.to(value)[None].expand(b, -1, -1, -1), value], 2)
     if slots.bias is None and (attention_mask is None or attention_mask.dtype == torch.bool):
         return inner(module, query, keys, values, allowed, **kwargs)
     heads = query.shape[1]
     bias = torch.zeros(heads, 1, m + s, dtype=query.dtype, device=dev)
     if slots.bias is not None:
-        bias[:, 0, :m] = slots.bias.to(query.dtype).repeat_interleave(heads // slots.bias.shape[0], 0)
+        bias[:, 0, :m] = slots.bias.to(query).repeat_interleave(heads // slots.bias.shape[0], 0)
     neg = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=dev)
     return inner(module, query, keys, values, torch.where(allowed, bias[None], neg), **kwargs)
 
@@ -142,7 +142,7 @@ def prefix_share(query: Tensor, keys: Tensor, own_scores: Tensor, scaling: float
     """(B, H, T): the prompted prefix's share of each row's attention mass, were ``keys`` (KVH, L, hd) read
     beside the row's own allowed keys (``own_scores``: (B, H, T, S) with disallowed entries at -inf)."""
     g = query.shape[1] // keys.shape[0]
-    pre = (query @ keys.repeat_interleave(g, 0).transpose(-1, -2)[None].to(query.dtype)) * scaling
+    pre = (query @ keys.repeat_interleave(g, 0).transpose(-1, -2)[None].to(query)) * scaling
     return torch.sigmoid(pre.logsumexp(-1) - own_scores.logsumexp(-1))
 
 
@@ -177,7 +177,7 @@ def fit_slots(rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, 
     at = (idx + first).to(keys.dtype)
     if idx.shape[1] == keys.shape[1]:  # every token kept: the prefix itself, nothing to fit
         return Slots(keys, values, None, at)
-    eye = torch.eye(idx.shape[1], dtype=torch.float64)
+    eye = torch.eye(idx.shape[1], dtype=torch.float64, device=keys.device)
 
     def solve(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], prior: Tensor) -> Tensor:
         g = h = 0
@@ -188,7 +188,7 @@ def fit_slots(rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, 
         lam = ridge * torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)[:, None, None]
         return torch.linalg.solve(g + lam * eye, h + lam * prior)
 
-    ones = torch.ones(kvh, idx.shape[1], 1, dtype=torch.float64)
+    ones = torch.ones(kvh, idx.shape[1], 1, dtype=torch.float64, device=keys.device)
     c = solve(lambda ps: ps, lambda p: torch.ones_like(p[..., :1]), ones)[..., 0].clamp_min(1e-3)
 
     def normalised(ps: Tensor) -> Tensor:
