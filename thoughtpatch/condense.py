@@ -78,9 +78,7 @@ class CondenseConfig:
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
     kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
-    kv_select: str = (
-        "mass"  # which slots: the tokens with the most mass, or those merged with the rest (virtual.SELECT)
-    )
+    kv_select: str = "mass"  # slots: the tokens with the most mass (mass) or groups of all tokens (merge)
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -104,7 +102,7 @@ class CondenseConfig:
         if self.kv_budget is not None and not 0 < self.kv_budget < 1:
             raise UsageError(f"--kv-budget must be a share of the model's parameters in (0, 1), not {self.kv_budget}")
         if self.kv_select not in SELECT:
-            raise UsageError(f"--kv-select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
+            raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
