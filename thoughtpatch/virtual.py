@@ -194,7 +194,7 @@ def fit_slots(
         weight = _groups(keys.double(), mass, idx)  # (KVH, L, m): each token's mass in its group
         k, v0 = (weight.transpose(-1, -2) @ t.double() / weight.sum(1)[..., None] for t in (keys, values))
         c0, at = (weight > 0).double().sum(1)[..., None], (weight.argmax(1) + first).to(keys.dtype)
-    eye = torch.eye(idx.shape[1], dtype=torch.float64)
+    eye = torch.eye(idx.shape[1], dtype=torch.float64, device=keys.device)
 
     def solve(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], prior: Tensor) -> Tensor:
         g = h = 0
@@ -218,7 +218,7 @@ def fit_slots(
 def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> Tensor:
     """(KVH, L, m): each token's mass in its group (zero elsewhere), by :data:`MERGE_STEPS` Lloyd iterations of
     mass-weighted k-means on ``keys`` started from the kept tokens ``idx`` (each stays in its own group)."""
-    own, centre = torch.arange(idx.shape[1]).expand_as(idx), gather(keys, idx)
+    own, centre = torch.arange(idx.shape[1], device=idx.device).expand_as(idx), gather(keys, idx)
     for _ in range(MERGE_STEPS + 1):
         group = torch.cdist(keys, centre).argmin(-1).scatter(1, idx, own)
         weight = torch.nn.functional.one_hot(group, idx.shape[1]).double() * mass[..., None]
