@@ -43,7 +43,7 @@ from .extract import Updates, detect_sinks
 from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
-from .virtual import allowed_keys, dispatch, fit_slots, prefix_share
+from .virtual import SELECT, allowed_keys, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -78,6 +78,7 @@ class CondenseConfig:
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
     kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
+    kv_select: str = "mass"  # slots: the tokens with the most mass (mass) or groups of all tokens (merge)
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -100,6 +101,8 @@ class CondenseConfig:
             raise UsageError(f"--kv-max must be a positive number of slots, not {self.kv_max}")
         if self.kv_budget is not None and not 0 < self.kv_budget < 1:
             raise UsageError(f"--kv-budget must be a share of the model's parameters in (0, 1), not {self.kv_budget}")
+        if self.kv_select not in SELECT:
+            raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -131,7 +134,8 @@ class CondenseConfig:
 
     def _kv(self) -> dict[str, str]:
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
-        return kv | ({"kv_budget": repr(self.kv_budget)} if self.kv_budget else {})
+        kv |= {"kv_budget": repr(self.kv_budget)} if self.kv_budget else {}
+        return kv | ({"kv_select": self.kv_select} if self.kv_select != "mass" else {})
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -627,7 +631,7 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
         del blk.attention._thoughtpatch_record
     share(spill, "q", [ch.n for ch in chunks], total)
     rows = lambda: ((d["q"], d["share"]) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
-    slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first)
+    slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 

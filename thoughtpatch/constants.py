@@ -20,6 +20,8 @@ PRESETS: dict[str, CondenseConfig] = {
     # bias exists, no constant where the attention output has no bias.
     "bakeable": CondenseConfig(attn="full", vector=True, matrix=True, skip=0, bakeable=True),
     # <= 0.1% of the model's parameters: slots taking 0.08% of them, the same count in every block, and a scalar
-    # per head (SmolLM2: 9 slots per block, 123k numbers, 0.09%; Gemma-3-270M 23, Qwen2.5-0.5B 80).
-    "compact": CondenseConfig(attn="scalar", vector=False, matrix=False, kv=1.0, kv_budget=0.0008),
+    # per head (SmolLM2: 9 slots per block, 123k numbers, 0.09%; Gemma-3-270M 23, Qwen2.5-0.5B 80). The slots
+    # merge the prompt's tokens (groups by key) rather than keep the heaviest: 8 tasks, SmolLM2 KL 0.154 -> 0.130,
+    # top-1 0.830 -> 0.848; Gemma-3-270M 0.068 -> 0.051, 0.909 -> 0.912.
+    "compact": CondenseConfig(attn="scalar", vector=False, matrix=False, kv=1.0, kv_budget=0.0008, kv_select="merge"),
 }

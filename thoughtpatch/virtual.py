@@ -149,54 +149,81 @@ def prefix_share(query: Tensor, keys: Tensor, own_scores: Tensor, scaling: float
 Rows = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over (query rows (R, H, hd), share (R, H))
 
 
-def _probs(rows: Rows, keys: Tensor, scaling: float) -> Iterator[tuple[Tensor, Tensor]]:
-    """Blocks of rows: each row's attention over the prefix keys (KVH, rows x group, L) and its weight (the
-    prefix's share of its mass, (KVH, rows x group)), float64."""
+def _probs(rows: Rows, keys: Tensor, scaling: float, slots: Tensor | None = None) -> Iterator[tuple[Tensor, ...]]:
+    """Blocks of rows: each row's attention over the prefix keys (KVH, rows x group, L), its weight (the
+    prefix's share of its mass, (KVH, rows x group)) and, given ``slots`` keys (KVH, m, hd), its attention to
+    them over the prefix's partition function (KVH, rows x group, m); float64."""
     kvh = keys.shape[0]
     for q, share in rows():
         for start in range(0, q.shape[0], ROWS):
             qb, sb = q[start : start + ROWS].double(), share[start : start + ROWS].double()
             qb = qb.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, r g, hd)
             sb = sb.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)
-            yield ((qb @ keys.double().transpose(-1, -2)) * scaling).softmax(-1), sb
+            s = (qb @ keys.double().transpose(-1, -2)) * scaling
+            lse = s.logsumexp(-1, keepdim=True)
+            f = None if slots is None else ((qb @ slots.transpose(-1, -2)) * scaling - lse).exp()
+            yield (s - lse).exp(), sb, f
 
 
-def fit_slots(rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0) -> Slots:
+SELECT = ("mass", "merge")
+MERGE_STEPS = 5  # Lloyd iterations of the merge
+
+
+def fit_slots(
+    rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0, select: str = "mass"
+) -> Slots:
     """Pick and fit ``m`` slots per key/value head from the prefix's ``keys`` and ``values`` (KVH, L, hd).
 
     ``rows()``: the query rows the slots will serve, (R, H, hd), with the prefix's share of each row's mass,
-    (R, H), in pieces (three passes; only additive statistics are kept). Slots are the tokens with the most
-    mass (weighted by share); then their log-multiplicities ``b`` make them carry the prefix's mass
-    (sum_j e^b_j p_rj ~ 1 over the rows) and their values its mean value, both by weighted ridge least squares
-    shrunk toward the plain selection (``b = 0``, the tokens' own values), ``ridge`` relative to the Gram
-    matrix's mean diagonal. ``first``: the position of the first key.
+    (R, H), in pieces (three passes; only additive statistics are kept). ``select="mass"``: the slots are the
+    tokens with the most mass (weighted by share). ``"merge"``: every token joins a group by mass-weighted
+    k-means of the keys started from those tokens, and a slot is a group: its mass-weighted mean key and
+    value, its size as multiplicity, the position of its heaviest member. Then the slots' log-multiplicities
+    ``b`` make them carry the prefix's mass (sum_j e^b_j f_rj ~ 1 over the rows, f_rj row r's attention to
+    slot j over the prefix's partition function) and their values its mean value, both by weighted ridge
+    least squares shrunk toward that start, ``ridge`` relative to the Gram matrix's mean diagonal. ``first``:
+    the position of the first key.
     """
-    kvh = keys.shape[0]
-    mass = sum((p * w[..., None]).sum(1) for p, w in _probs(rows, keys, scaling))
+    mass = sum((p * w[..., None]).sum(1) for p, w, _ in _probs(rows, keys, scaling))
     idx = mass.topk(min(m, keys.shape[1]), -1).indices.sort(-1).values
     at = (idx + first).to(keys.dtype)
     if idx.shape[1] == keys.shape[1]:  # every token kept: the prefix itself, nothing to fit
         return Slots(keys, values, None, at)
+    k, v0, c0 = gather(keys.double(), idx), gather(values.double(), idx), torch.ones_like(idx[..., None]).double()
+    if select == "merge":
+        weight = _groups(keys.double(), mass, idx)  # (KVH, L, m): each token's mass in its group
+        k, v0 = (weight.transpose(-1, -2) @ t.double() / weight.sum(1)[..., None] for t in (keys, values))
+        c0, at = (weight > 0).double().sum(1)[..., None], (weight.argmax(1) + first).to(keys.dtype)
     eye = torch.eye(idx.shape[1], dtype=torch.float64, device=keys.device)
 
     def solve(features: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], prior: Tensor) -> Tensor:
         g = h = 0
-        for p, w in _probs(rows, keys, scaling):
+        for p, w, f in _probs(rows, keys, scaling, k):
             w = w.sqrt()[..., None]
-            x = features(p.gather(2, idx[:, None, :].expand(-1, p.shape[1], -1))) * w
+            x = features(f) * w
             g, h = g + x.transpose(-1, -2) @ x, h + x.transpose(-1, -2) @ (target(p) * w)
         lam = ridge * torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)[:, None, None]
         return torch.linalg.solve(g + lam * eye, h + lam * prior)
 
-    ones = torch.ones(kvh, idx.shape[1], 1, dtype=torch.float64, device=keys.device)
-    c = solve(lambda ps: ps, lambda p: torch.ones_like(p[..., :1]), ones)[..., 0].clamp_min(1e-3)
+    c = solve(lambda f: f, lambda p: torch.ones_like(p[..., :1]), c0)[..., 0].clamp_min(1e-3)
 
-    def normalised(ps: Tensor) -> Tensor:
-        w = ps * c[:, None, :]
+    def normalised(f: Tensor) -> Tensor:
+        w = f * c[:, None, :]
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
-    v = solve(normalised, lambda p: p @ values.double(), gather(values.double(), idx))
-    return Slots(gather(keys, idx), v.to(values.dtype), c.log().to(values.dtype), at)
+    v = solve(normalised, lambda p: p @ values.double(), v0)
+    return Slots(k.to(keys.dtype), v.to(values.dtype), c.log().to(values.dtype), at)
+
+
+def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> Tensor:
+    """(KVH, L, m): each token's mass in its group (zero elsewhere), by :data:`MERGE_STEPS` Lloyd iterations of
+    mass-weighted k-means on ``keys`` started from the kept tokens ``idx`` (each stays in its own group)."""
+    own, centre = torch.arange(idx.shape[1], device=idx.device).expand_as(idx), gather(keys, idx)
+    for _ in range(MERGE_STEPS + 1):
+        group = torch.cdist(keys, centre).argmin(-1).scatter(1, idx, own)
+        weight = torch.nn.functional.one_hot(group, idx.shape[1]).double() * mass[..., None]
+        centre = weight.transpose(-1, -2) @ keys / weight.sum(1)[..., None]
+    return weight
 
 
 def gather(t: Tensor, idx: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
 from thoughtpatch.evaluate import targets_for
 from thoughtpatch.patch import patch_from_bytes, patch_to_bytes
+from thoughtpatch.virtual import fit_slots
 
 FIT = ["the dog jumps", "a cat is lazy", "tell me a story", "1 2 3 4", "the fox please", "my dog and cat"]
 ASK = ["What is the capital of France?", "dog", "Tell me a story about a cat and a dog please"]
@@ -74,8 +75,10 @@ def test_compressed_slots_round_trip_and_help(tiny_dir):
     """A quarter of the tokens as slots: the file round-trips and the patch moves the model toward the prompt."""
     lm = load_model(str(tiny_dir("llama")), dtype="float64")
     fit = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, PROMPT, FIT), 3)
-    capped = condense(lm.model, fit, CondenseConfig(kv=1.0, kv_max=3, attn="none", vector=False, matrix=False))
+    merged = CondenseConfig(kv=1.0, kv_max=3, kv_select="merge", attn="none", vector=False, matrix=False)
+    capped = condense(lm.model, fit, merged)
     assert capped.layers[0].kv_key.shape == (2, 3, 8) and capped.meta["method.kv_max"] == "3"
+    assert capped.meta["method.kv_select"] == "merge"
     per_slot = 2 * (2 * 8 + 2)  # key, value, bias, position per key/value head
     n_params = sum(p.numel() for p in lm.model.parameters())
     budget = CondenseConfig(kv=1.0, kv_budget=7.5 * per_slot / n_params, attn="none", vector=False, matrix=False)
@@ -114,6 +117,7 @@ def test_bad_slot_files_and_configs(tiny_dir):
         CondenseConfig(kv=0.5, bakeable=True, skip=0),
         CondenseConfig(kv_max=0),
         CondenseConfig(kv=1.0, kv_budget=1.5),
+        CondenseConfig(kv=1.0, kv_select="nearest"),
     ):
         with pytest.raises(UsageError, match="kv"):
             bad.validate()
@@ -158,3 +162,34 @@ def test_slot_patches_on_the_command_line(tiny_dir, tmp_path):
         assert r.returncode == 2 and r.stderr.decode().count("\n") == 1, r.stderr
         assert "virtual key/value slots" in r.stderr.decode()
         assert not (tmp_path / "baked").exists() and not (tmp_path / "peft").exists()
+
+
+def _slot_attention(slots, q, scaling):
+    """Each row's attention output over the slots alone, (KVH, R, hd)."""
+    s = q @ slots.key.transpose(-1, -2) * scaling + slots.bias[:, None, :]
+    return s.softmax(-1) @ slots.value
+
+
+def test_merged_slots_carry_what_they_stand_for():
+    """Two tokens with one key merge into one slot of multiplicity 2 and their mean value: exact with the ridge
+    on (the start is the answer), where keeping the heavier twin only approaches it; with every token a slot
+    the slots are the prefix itself."""
+    torch.manual_seed(0)
+    kvh, n, hd, rows = 2, 6, 4, 40
+    q = torch.randn(rows, 2 * kvh, hd, dtype=torch.float64)
+    q[..., 0] = 3.0  # every row leans to keys with a large first coordinate
+    keys, values = torch.randn(kvh, n, hd, dtype=torch.float64), torch.randn(kvh, n, hd, dtype=torch.float64)
+    keys[..., 0] = 1.0
+    keys[:, 1] = keys[:, 4] = torch.tensor([-3.0, 0.5, 0.5, 0.5], dtype=torch.float64)  # the two lightest
+    share = torch.ones(rows, 2 * kvh, dtype=torch.float64)
+    scaling = hd**-0.5
+    qh = q.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, rows x group, hd)
+    want = (qh @ keys.transpose(-1, -2) * scaling).softmax(-1) @ values
+    err = {}
+    for select in ("mass", "merge"):
+        slots = fit_slots(lambda: [(q, share)], keys, values, scaling, n - 1, 0.01, 7, select)
+        assert slots.key.shape == (kvh, n - 1, hd) and slots.position.min() >= 7
+        err[select] = float((_slot_attention(slots, qh, scaling) - want).abs().max())
+        whole = fit_slots(lambda: [(q, share)], keys, values, scaling, n, 0.01, 7, select)
+        assert whole.bias is None and torch.equal(whole.key, keys) and torch.equal(whole.value, values)
+    assert err["merge"] < 1e-10 < 1e-4 < err["mass"]
