@@ -78,7 +78,7 @@ class CondenseConfig:
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
     kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
-    kv_select: str = "mass"  # slots: the tokens with the most mass (mass) or groups of all tokens (merge)
+    kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -135,7 +135,7 @@ class CondenseConfig:
     def _kv(self) -> dict[str, str]:
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
         kv |= {"kv_budget": repr(self.kv_budget)} if self.kv_budget else {}
-        return kv | ({"kv_select": self.kv_select} if self.kv_select != "mass" else {})
+        return kv | {"kv_select": self.kv_select}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
