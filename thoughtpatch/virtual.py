@@ -191,8 +191,8 @@ def fit_slots(
         return Slots(keys, values, None, at)
     k, v0, c0 = gather(keys.double(), idx), gather(values.double(), idx), torch.ones_like(idx[..., None]).double()
     if select == "merge":
-        weight = _groups(keys.double(), mass, idx)  # (KVH, L, m): each token's mass in its group
-        k, v0 = (weight.transpose(-1, -2) @ t.double() / weight.sum(1)[..., None] for t in (keys, values))
+        weight, k = _groups(keys.double(), mass, idx)  # (KVH, L, m): each token's mass in its group; centres
+        v0 = weight.transpose(-1, -2) @ values.double() / weight.sum(1)[..., None]
         c0, at = (weight > 0).double().sum(1)[..., None], (weight.argmax(1) + first).to(keys.dtype)
     eye = torch.eye(idx.shape[1], dtype=torch.float64, device=keys.device)
 
@@ -215,15 +215,16 @@ def fit_slots(
     return Slots(k.to(keys.dtype), v.to(values.dtype), c.log().to(values.dtype), at)
 
 
-def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> Tensor:
-    """(KVH, L, m): each token's mass in its group (zero elsewhere), by :data:`MERGE_STEPS` Lloyd iterations of
-    mass-weighted k-means on ``keys`` started from the kept tokens ``idx`` (each stays in its own group)."""
+def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """(KVH, L, m) each token's mass in its group (zero elsewhere) and (KVH, m, hd) the groups' mass-weighted
+    mean keys, by :data:`MERGE_STEPS` Lloyd iterations of mass-weighted k-means on ``keys`` started from the
+    kept tokens ``idx`` (each stays in its own group)."""
     own, centre = torch.arange(idx.shape[1], device=idx.device).expand_as(idx), gather(keys, idx)
     for _ in range(MERGE_STEPS + 1):
         group = torch.cdist(keys, centre).argmin(-1).scatter(1, idx, own)
         weight = torch.nn.functional.one_hot(group, idx.shape[1]).double() * mass[..., None]
         centre = weight.transpose(-1, -2) @ keys / weight.sum(1)[..., None]
-    return weight
+    return weight, centre
 
 
 def gather(t: Tensor, idx: Tensor) -> Tensor:
