@@ -229,7 +229,11 @@ def _times_map(w, a, plan: BakePlan):
     a, h = _cast(a, w), w.reshape(w.shape[0], plan.heads, plan.head_dim)
     if a.ndim == 1:
         return (h * a[:, None]).reshape(w.shape)
-    return (h.swapaxes(0, 1) @ a).swapaxes(0, 1).reshape(w.shape)
+    if isinstance(w, np.ndarray):  # one pass over W (a batched matmul over heads copies W twice)
+        return np.einsum("ohi,hij->ohj", h, a).reshape(w.shape)
+    import torch
+
+    return torch.einsum("ohi,hij->ohj", h, a).reshape(w.shape)
 
 
 def _times_matrix(w, lp: LayerPatch, plan: BakePlan):
@@ -538,20 +542,32 @@ def _reader(src: Path, shard_of: dict[str, str], parsed: dict[str, tuple[dict, i
 def _write_all(
     src: Path, tmp: Path, config: dict, plan: BakePlan, records, shard_of, parsed, headers, log, progress=None
 ) -> None:
-    """Every shard (one at a time), then the config, index, model card and the folder's other files."""
+    """Every shard (one at a time, each flushed to disk in the background while the next is written), then the
+    config, index, model card and the folder's other files."""
     added = 0
-    for f, (header, start) in parsed.items():
-        if progress:
-            progress(1)
-        adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
-        if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
-            shutil.copyfile(src / f, tmp / f)
-            continue
-        if log:
-            log(f"baking {f}")
-        added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, _reader(src, shard_of, parsed))
-    record = {"tool_version": __version__, "patches": records, "biases_turned_on": plan.flags}
-    _finish(src, tmp, config, plan, record, shard_of, added, list(parsed))
+    with ThreadPoolExecutor(1, thread_name_prefix="thoughtpatch-sync") as sync:
+        synced = []
+        for f, (header, start) in parsed.items():
+            if progress:
+                progress(1)
+            adds = sorted(n for n, w in plan.new.items() if shard_of[w] == f)
+            if not adds and not any(shard_of[n] == f for n in plan.roles if n not in plan.new):
+                shutil.copyfile(src / f, tmp / f)
+            else:
+                if log:
+                    log(f"baking {f}")
+                read = _reader(src, shard_of, parsed)
+                added += _write_shard(src / f, tmp / f, header, start, plan, adds, headers, read)
+            synced.append(sync.submit(_fsync, tmp / f))
+        record = {"tool_version": __version__, "patches": records, "biases_turned_on": plan.flags}
+        _finish(src, tmp, config, plan, record, shard_of, added, list(parsed))
+        for job in synced:
+            job.result()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _finish(
@@ -579,6 +595,5 @@ def _finish(
         else:
             shutil.copyfile(p, tmp / p.name)
     for p in tmp.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+        if p.is_file() and p.name not in files:  # the shards are flushed as they are written
+            _fsync(p)

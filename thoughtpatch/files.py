@@ -210,8 +210,9 @@ def join_header(header: dict, body: bytes) -> bytes:
     return head_bytes(header) + body
 
 
-def split_header(data: bytes, what: str) -> tuple[dict, bytes]:
-    """A safetensors file's JSON header (not yet checked) and the bytes after it; a clear error if it has none."""
+def split_header(data: bytes, what: str) -> tuple[dict, memoryview]:
+    """A safetensors file's JSON header (not yet checked) and a view of the bytes after it (no copy); a clear
+    error if it has none."""
     if len(data) < 8:
         raise UsageError(f"{what}: not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -223,7 +224,7 @@ def split_header(data: bytes, what: str) -> tuple[dict, bytes]:
         raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{what}: not a safetensors file (header is not an object)")
-    return header, data[8 + n :]
+    return header, memoryview(data)[8 + n :]
 
 
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
