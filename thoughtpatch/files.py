@@ -210,9 +210,14 @@ def join_header(header: dict, body: bytes) -> bytes:
     return head_bytes(header) + body
 
 
-def split_header(data: bytes, what: str) -> tuple[dict, memoryview]:
-    """A safetensors file's JSON header (not yet checked) and a view of the bytes after it (no copy); a clear
-    error if it has none."""
+def split_header(data: bytes, what: str) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header (not yet checked) and the bytes after it; a clear error if it has none."""
+    header, start = _header_of(data, what)
+    return header, data[start:]
+
+
+def _header_of(data: bytes, what: str) -> tuple[dict, int]:
+    """A safetensors file's JSON header (not yet checked) and where its tensor bytes start."""
     if len(data) < 8:
         raise UsageError(f"{what}: not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -224,7 +229,7 @@ def split_header(data: bytes, what: str) -> tuple[dict, memoryview]:
         raise UsageError(f"{what}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{what}: not a safetensors file (header is not an object)")
-    return header, memoryview(data)[8 + n :]
+    return header, 8 + n
 
 
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
@@ -259,13 +264,13 @@ def load_tensors(data: bytes, what: str, numpy: bool = False) -> tuple[dict, dic
     that claims huge tensors is refused without reading further. ``numpy``: read-only numpy arrays over
     ``data`` itself (no copy, no torch; bfloat16 comes as float32) instead of torch tensors.
     """
-    header, body = split_header(data, what)
+    header, start = _header_of(data, what)  # the tensor bytes are not copied
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{what}: metadata must map strings to strings")
-    _check_entries(header, len(body), what)
+    _check_entries(header, len(data) - start, what)
     if numpy:
-        view = memoryview(data)[len(data) - len(body) :]
+        view = memoryview(data)[start:]
         tensors = {
             k: array_from_bytes(view[e["data_offsets"][0] : e["data_offsets"][1]], e["dtype"], e["shape"])
             for k, e in header.items()
