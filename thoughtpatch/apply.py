@@ -139,6 +139,13 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             return (z + pos.gate((z @ lp.matrix_a.to(z)) @ lp.matrix_b.to(z).T), *args[1:])
 
         specs.append((blk.mlp, "pre", matrix))
+    if lp.down_a is not None:
+
+        def down(module, args, output):  # y -> y + B A^T h on the MLP's output projection
+            h = args[0]
+            return output + pos.gate((h @ lp.down_a.to(h)) @ lp.down_b.to(h).T)
+
+        specs.append((blk.mlp_out, "fwd", down))
     if lp.kv_key is not None:
         specs += slot_hooks(blk.attention, Slots(lp.kv_key, lp.kv_value, lp.kv_bias, lp.kv_position), pos)
     return specs

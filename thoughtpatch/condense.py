@@ -78,6 +78,9 @@ class CondenseConfig:
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
     kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
+    down: bool = False  # a map from the MLP's hidden activations to its output (bakes into the down projection)
+    down_ridge: float = 1.0  # its ridge, relative to the mean feature energy
+    down_rank: int | None = None  # its rank (None: full)
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
 
     def validate(self, n_layers: int | None = None) -> None:
@@ -711,4 +714,22 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
         vm, kept = _vector_matrix(stats, cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
+    if cfg.down and blk.mlp_out is not None:
+        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, spill, cfg, pos, lp, keeps)
     return lp
+
+
+def _fit_down(model, blk, chunks, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
+    """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
+    activations (the rest of the block's patch installed)."""
+    only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
+    stats, seen = MatrixStats(), {}
+    tap = (blk.mlp_out, "pre", lambda m, a: seen.__setitem__("h", a[0]))
+    for ch in chunks:
+        out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
+        k = keeps[ch.n]
+        target = spill.get("p", ch.n)["h"][ch.valid][k]
+        stats.add(None, seen["h"][ch.query][k], target - out[ch.query][k])
+    g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map")
+    b, a, _ = truncate(g, cfg.down_rank)
+    return b.float(), a.float()

@@ -66,6 +66,8 @@ _PARTS = {
     "kv_value": "kv.value",
     "kv_bias": "kv.bias",
     "kv_position": "kv.position",
+    "down_a": "down.A",
+    "down_b": "down.B",
 }
 
 
@@ -85,6 +87,8 @@ class LayerPatch:
     kv_value: Tensor | None = None
     kv_bias: Tensor | None = None
     kv_position: Tensor | None = None
+    down_a: Tensor | None = None
+    down_b: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, f) for f, name in _PARTS.items() if getattr(self, f) is not None}
@@ -108,7 +112,7 @@ class LayerPatch:
         """Every additive part times ``alpha`` (the matrix through its left factor); the slots are a copy of the
         prompt's keys and values, not a difference, and stay as they are."""
         s = {k: (None if v is None else v * alpha) for k, v in vars(self).items()}
-        s.update({k: getattr(self, k) for k in ("matrix_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
+        s.update({k: getattr(self, k) for k in ("matrix_a", "down_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
         return LayerPatch(**s)
 
     def to(self, device: torch.device | str) -> LayerPatch:
