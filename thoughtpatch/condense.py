@@ -94,7 +94,7 @@ class CondenseConfig:
             raise UsageError(f"--rank must be a positive integer, not {self.rank}")
         if self.ridge < 0 or self.attn_ridge < 0:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
-        if not (self.vector or self.matrix or self.attn != "none" or self.kv):
+        if not (self.vector or self.matrix or self.attn != "none" or self.kv or self.down):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
         if self.bakeable and (self.attn_query or self.attn_gate or self.skip not in (None, 0)):
             raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
@@ -110,6 +110,10 @@ class CondenseConfig:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
             raise UsageError("virtual key/value slots need the sequential construction")
+        if self.down and self.construction == "parallel":
+            raise UsageError("the down map (--down) needs the sequential construction")
+        if self.down_ridge < 0 or (self.down_rank is not None and self.down_rank <= 0):
+            raise UsageError("--down-ridge must be >= 0 and --down-rank a positive integer")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
             raise UsageError("the query-dependent attention terms need --attn scalar or full")
         if n_layers is not None and self.layers is not None:
@@ -118,22 +122,32 @@ class CondenseConfig:
                 raise UsageError(f"--layers {bad[0]} is out of range: the model has blocks 0..{n_layers - 1}")
 
     def describe(self) -> dict[str, str]:
-        return {
-            "construction": self.construction,
-            "attn": self.attn,
-            "attn_query": str(self.attn_query).lower(),
-            "attn_gate": str(self.attn_gate).lower(),
-            "attn_bias": str(self.attn_bias).lower(),
-            "bakeable": str(self.bakeable).lower(),
-            "attn_ridge_grid": "none" if self.attn_ridge_grid is None else ",".join(map(repr, self.attn_ridge_grid)),
-            "vector": str(self.vector).lower(),
-            "matrix": str(self.matrix).lower(),
-            "rank": "full" if self.rank is None else str(self.rank),
-            "ridge": repr(self.ridge),
-            "attn_ridge": repr(self.attn_ridge),
-            "strength": repr(self.strength),
-            "sink_factor": repr(self.sink_factor),
-        } | (self._kv() if self.kv else {})
+        return (
+            {
+                "construction": self.construction,
+                "attn": self.attn,
+                "attn_query": str(self.attn_query).lower(),
+                "attn_gate": str(self.attn_gate).lower(),
+                "attn_bias": str(self.attn_bias).lower(),
+                "bakeable": str(self.bakeable).lower(),
+                "attn_ridge_grid": "none"
+                if self.attn_ridge_grid is None
+                else ",".join(map(repr, self.attn_ridge_grid)),
+                "vector": str(self.vector).lower(),
+                "matrix": str(self.matrix).lower(),
+                "rank": "full" if self.rank is None else str(self.rank),
+                "ridge": repr(self.ridge),
+                "attn_ridge": repr(self.attn_ridge),
+                "strength": repr(self.strength),
+                "sink_factor": repr(self.sink_factor),
+            }
+            | (self._kv() if self.kv else {})
+            | (self._down() if self.down else {})
+        )
+
+    def _down(self) -> dict[str, str]:
+        rank = "full" if self.down_rank is None else str(self.down_rank)
+        return {"down": "true", "down_ridge": repr(self.down_ridge), "down_rank": rank}
 
     def _kv(self) -> dict[str, str]:
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
@@ -403,8 +417,10 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
 
 
 def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
-    """A bakeable config narrowed to what folds exactly into this family's weights: a thought vector needs a
-    bias with no norm after it, the head map's constant part a bias on the attention output."""
+    """A config narrowed to what this family has: no down map without an MLP output projection (mixtures of
+    experts); when bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm
+    after it, the head map's constant part a bias on the attention output."""
+    cfg = replace(cfg, down=cfg.down and arch.mlp_out is not None)
     if not cfg.bakeable:
         return cfg
     if cfg.placement == "skip":

@@ -1,0 +1,113 @@
+"""The down map (``layers.l.down.A``/``down.B``): file checks, description, fitting switches, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+from tiny import random_patch
+
+from thoughtpatch import Prompt, align, load_model
+from thoughtpatch.apply import installed, mlp_width
+from thoughtpatch.condense import CondenseConfig, condense
+from thoughtpatch.errors import UsageError
+from thoughtpatch.evaluate import targets_for
+from thoughtpatch.patch import describe_patch, patch_from_bytes, patch_to_bytes, validate_for
+from thoughtpatch.schema import fingerprint
+
+IDS = torch.tensor([[5, 17, 33, 101, 7, 250, 64, 3]])
+
+
+def test_down_parts_round_trip_and_are_described():
+    patch = random_patch({"vector", "down"}, seed=1, rank=3)
+    back = patch_from_bytes(patch_to_bytes(patch))
+    for i, lp in patch.layers.items():
+        assert torch.equal(back.layers[i].down_a, lp.down_a) and torch.equal(back.layers[i].down_b, lp.down_b)
+    assert "down" in json.loads(back.meta["sites"]) and back.bakeable
+    row = describe_patch(back)["layers"][-1]
+    assert row["down_rank"] == 3
+    assert row["down_norm"] == pytest.approx(float((lp.down_b @ lp.down_a.T).norm()), rel=1e-6)
+    plain = random_patch({"vector"}, seed=1)
+    assert "down" not in json.loads(patch_from_bytes(patch_to_bytes(plain)).meta["sites"])
+    assert "down_rank" not in describe_patch(plain)["layers"][0]
+
+
+def _tampered(**change):
+    patch = random_patch({"down"}, seed=2)
+    lp = patch.layers[0]
+    for k, v in change.items():
+        setattr(lp, k, v(lp))
+    return patch
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"down_b": lambda lp: None}, "needs down.A and down.B"),
+        ({"down_a": lambda lp: lp.down_a[:, :1]}, "same number of columns"),
+    ],
+)
+def test_unpaired_down_factors_are_refused(change, message):
+    with pytest.raises(UsageError, match=message):
+        patch_from_bytes(patch_to_bytes(_tampered(**change)))
+
+
+def test_down_factors_must_fit_the_model():
+    patch = _tampered(down_b=lambda lp: torch.zeros(31, lp.down_b.shape[1]))
+    patch.meta["fingerprint"] = json.dumps(fingerprint(tiny.config("llama")))
+    with pytest.raises(UsageError, match="down.B does not fit the hidden size 32"):
+        patch_from_bytes(patch_to_bytes(patch))
+    with pytest.raises(UsageError, match="down factors B, A have 31, 64 rows, the model needs 32, 64"):
+        validate_for(patch, 32, 3, 4, 8, inner=64)
+    good = random_patch({"down"}, seed=2)
+    validate_for(good, 32, 3, 4, 8)  # the width unknown: only the hidden size is checked
+    with pytest.raises(UsageError, match="needs 32, 128"):
+        validate_for(good, 32, 3, 4, 8, inner=128)
+
+
+def test_a_mixture_of_experts_refuses_a_down_patch(tiny_dir):
+    model = load_model(str(tiny_dir("mixtral"))).model
+    assert mlp_width(model) is None
+    bad = random_patch({"down"}, seed=3)
+    with (
+        pytest.raises(UsageError, match="block 0: the patch has a down map.*mixture of experts"),
+        installed(model, bad),
+    ):
+        pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing left installed
+
+
+def _fit(lm, cfg):
+    prompt = Prompt("You are a pirate. Speak like a pirate in every answer.")
+    queries = [f"{a} {b}" for a in ("the dog", "a cat", "my story") for b in ("jumps", "is lazy", "1 2 3")]
+    return condense(lm.model, targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, prompt, queries), 2), cfg)
+
+
+def test_condense_fits_and_records_the_down_map_where_the_family_has_one(tiny_dir):
+    cfg = CondenseConfig(attn="none", matrix=False, skip=0, bakeable=True, down=True, down_rank=4)
+    lm = load_model(str(tiny_dir("gpt2")))
+    patch = _fit(lm, cfg)
+    inner = mlp_width(lm.model)
+    assert inner == 128 and patch.bakeable
+    assert all(lp.down_a.shape == (inner, 4) and lp.down_b.shape == (32, 4) for lp in patch.layers.values())
+    assert {k: patch.meta[f"method.{k}"] for k in ("down", "down_ridge", "down_rank")} == {
+        "down": "true",
+        "down_ridge": "1.0",
+        "down_rank": "4",
+    }
+    moe = _fit(load_model(str(tiny_dir("mixtral"))), cfg)  # no output projection: the switch is turned off
+    assert all(lp.down_a is None for lp in moe.layers.values())
+    assert not any(k.startswith("method.down") for k in moe.meta)
+
+
+def test_bad_down_options_are_refused():
+    for cfg, message in (
+        (CondenseConfig(down=True, construction="parallel"), "needs the sequential construction"),
+        (CondenseConfig(down=True, down_rank=0), "--down-rank a positive integer"),
+        (CondenseConfig(down=True, down_ridge=-1.0), "--down-ridge must be >= 0"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            cfg.validate()
+    CondenseConfig(attn="none", vector=False, matrix=False, down=True).validate()  # the down map alone is a patch
