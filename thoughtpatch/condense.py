@@ -122,34 +122,33 @@ class CondenseConfig:
                 raise UsageError(f"--layers {bad[0]} is out of range: the model has blocks 0..{n_layers - 1}")
 
     def describe(self) -> dict[str, str]:
-        return (
-            {
-                "construction": self.construction,
-                "attn": self.attn,
-                "attn_query": str(self.attn_query).lower(),
-                "attn_gate": str(self.attn_gate).lower(),
-                "attn_bias": str(self.attn_bias).lower(),
-                "bakeable": str(self.bakeable).lower(),
-                "attn_ridge_grid": "none"
-                if self.attn_ridge_grid is None
-                else ",".join(map(repr, self.attn_ridge_grid)),
-                "vector": str(self.vector).lower(),
-                "matrix": str(self.matrix).lower(),
-                "rank": "full" if self.rank is None else str(self.rank),
-                "ridge": repr(self.ridge),
-                "attn_ridge": repr(self.attn_ridge),
-                "strength": repr(self.strength),
-                "sink_factor": repr(self.sink_factor),
-            }
-            | (self._kv() if self.kv else {})
-            | (self._down() if self.down else {})
-        )
+        out = {
+            "construction": self.construction,
+            "attn": self.attn,
+            "attn_query": str(self.attn_query).lower(),
+            "attn_gate": str(self.attn_gate).lower(),
+            "attn_bias": str(self.attn_bias).lower(),
+            "bakeable": str(self.bakeable).lower(),
+            "attn_ridge_grid": "none" if self.attn_ridge_grid is None else ",".join(map(repr, self.attn_ridge_grid)),
+            "vector": str(self.vector).lower(),
+            "matrix": str(self.matrix).lower(),
+            "rank": "full" if self.rank is None else str(self.rank),
+            "ridge": repr(self.ridge),
+            "attn_ridge": repr(self.attn_ridge),
+            "strength": repr(self.strength),
+            "sink_factor": repr(self.sink_factor),
+        }
+        return out | self._kv() | self._down()
 
     def _down(self) -> dict[str, str]:
+        if not self.down:
+            return {}
         rank = "full" if self.down_rank is None else str(self.down_rank)
         return {"down": "true", "down_ridge": repr(self.down_ridge), "down_rank": rank}
 
     def _kv(self) -> dict[str, str]:
+        if not self.kv:
+            return {}
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
         kv |= {"kv_budget": repr(self.kv_budget)} if self.kv_budget else {}
         return kv | {"kv_select": self.kv_select}
