@@ -111,3 +111,14 @@ def test_bad_down_options_are_refused():
         with pytest.raises(UsageError, match=message):
             cfg.validate()
     CondenseConfig(attn="none", vector=False, matrix=False, down=True).validate()  # the down map alone is a patch
+
+
+def test_baking_refuses_down_factors_of_another_width(tiny_dir, tmp_path):
+    from thoughtpatch.bake import bake_checkpoint
+
+    patch = random_patch({"down"}, seed=4, inner=50)
+    with pytest.raises(
+        UsageError, match="p: layer 0 down factors B, A have 32, 50 rows, the model needs 32, 128"
+    ):
+        bake_checkpoint(tiny_dir("gpt2"), tmp_path / "out", [patch], [{"file": "p"}])
+    assert list(tmp_path.iterdir()) == []
