@@ -799,7 +799,7 @@ def merge(
         str | None, typer.Option(help="A weight per patch, comma-separated (default: all 1); -1 negates.")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="concat: exact, matrix ranks add up; svd: re-compress every matrix to --rank.")
+        str, typer.Option(help="concat: exact, ranks add up; svd: re-compress every matrix and down map to --rank.")
     ] = "concat",
     rank: Annotated[int | None, typer.Option(help="Rank for --method svd.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge patches made for different base models.")] = False,
@@ -842,6 +842,10 @@ def merge(
     if method == "svd":
         patch, doc["recompression"] = recompress(patch, rank)
         log(f"SVD to rank {rank}: relative error {doc['recompression']['relative_error']:.3g}")
+        if "down" in doc["recompression"]:
+            log(
+                f"SVD of the down maps to rank {rank}: relative error {doc['recompression']['down']['relative_error']:.3g}"
+            )
     _write_patch(patch, output)
     doc |= {"parameters": patch.numel(), "layers": sorted(patch.layers), "ranks": {str(i): lp.rank for i, lp in sorted(patch.layers.items())}}  # fmt: skip
     _report(doc, json_out, output, "merged patch")

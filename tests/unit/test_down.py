@@ -117,8 +117,34 @@ def test_baking_refuses_down_factors_of_another_width(tiny_dir, tmp_path):
     from thoughtpatch.bake import bake_checkpoint
 
     patch = random_patch({"down"}, seed=4, inner=50)
-    with pytest.raises(
-        UsageError, match="p: layer 0 down factors B, A have 32, 50 rows, the model needs 32, 128"
-    ):
+    with pytest.raises(UsageError, match="p: layer 0 down factors B, A have 32, 50 rows, the model needs 32, 128"):
         bake_checkpoint(tiny_dir("gpt2"), tmp_path / "out", [patch], [{"file": "p"}])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_diff_recovers_a_baked_down_map(tiny_dir, tmp_path):
+    """``diff BASE BAKED``: the output projections' change comes back as down factors (and the matrix's as a
+    matrix); patch vs its base reports the same weight change."""
+    from conftest import run_cli
+
+    from thoughtpatch.bake import bake_checkpoint, patch_record
+    from thoughtpatch.compare import diff_patch_model, diff_patches
+
+    src = tiny_dir("gpt2")  # Conv1D: the output projection stored transposed
+    patch = random_patch({"down", "matrix"}, seed=6, rank=2, inner=128)
+    bake_checkpoint(src, tmp_path / "baked", [patch], [patch_record(patch, "p", "0" * 64, 1.0)])
+    out = tmp_path / "recovered.safetensors"
+    r = run_cli("diff", str(src), str(tmp_path / "baked"), "-o", str(out), "--json", "-q")
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert all(t["in_patch"] for t in doc["changed_tensors"])
+    assert [row["rank"] for row in doc["down_patch"]] == [2] * 3 and doc["max_relative_error"] < 1e-4
+    back = patch_from_bytes(out.read_bytes())
+    for i, lp in patch.layers.items():
+        want, got = lp.down_b @ lp.down_a.T, back.layers[i].down_b @ back.layers[i].down_a.T
+        assert float((got - want).norm() / want.norm()) <= 1e-4
+    rows = diff_patch_model(back, load_model(str(src)).model)["layers"]
+    for row, ref in zip(rows, doc["down_patch"], strict=True):
+        assert row["mlp_out_rel_change"] == pytest.approx(ref["rel_change"], rel=1e-5)
+    d = diff_patches(patch, back)["layers"][0]
+    assert d["down_rel_diff"] <= 1e-4 and d["down_norm_a"] == pytest.approx(d["down_norm_b"], rel=1e-4)
