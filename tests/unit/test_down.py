@@ -148,3 +148,26 @@ def test_model_diff_recovers_a_baked_down_map(tiny_dir, tmp_path):
         assert row["mlp_out_rel_change"] == pytest.approx(ref["rel_change"], rel=1e-5)
     d = diff_patches(patch, back)["layers"][0]
     assert d["down_rel_diff"] <= 1e-4 and d["down_norm_a"] == pytest.approx(d["down_norm_b"], rel=1e-4)
+
+
+def test_cli_fits_inspects_merges_and_refuses_down_options(tiny_dir, tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "prompt.txt").write_text("You are a pirate. Speak like a pirate.\n")
+    (tmp_path / "fit.txt").write_text("the dog jumps\na cat is lazy\ntell me a story\n1 2 3 4\nthe fox please\n")
+    args = ("transmute", str(tmp_path / "prompt.txt"), "--model", str(tiny_dir("llama")), "--probes")
+    args += (str(tmp_path / "fit.txt"), "--answer-tokens", "2", "--bakeable", "-q", "-o")
+    out = tmp_path / "p.safetensors"
+    r = run_cli(*args, str(out), "--down-rank", "3", "--json")  # a rank asks for the down map
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout)["method"]["down_rank"] == "3" and json.loads(r.stdout)["bakeable"]
+    patch = patch_from_bytes(out.read_bytes())
+    assert all(lp.down_a.shape == (64, 3) for lp in patch.layers.values())
+    r = run_cli("inspect", str(out), "--json")
+    assert r.returncode == 0 and {"down_rank", "down_norm"} <= set(json.loads(r.stdout)["layers"][0])
+    r = run_cli("merge", str(out), str(out), "--method", "svd", "--rank", "2", "-o", str(tmp_path / "m.st"))
+    assert r.returncode == 0 and b"SVD of the down maps to rank 2: relative error" in r.stderr, r.stderr.decode()
+    assert all(lp.down_a.shape == (64, 2) for lp in patch_from_bytes((tmp_path / "m.st").read_bytes()).layers.values())
+    r = run_cli(*args, str(tmp_path / "bad.st"), "--down-ridge", "-1")
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1 and b"--down-ridge must be >= 0" in r.stderr
+    assert not (tmp_path / "bad.st").exists()
