@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
-from .distributed import shard, share
+from .distributed import shard, share, world
 from .engine import (
     Block,
     StopBlock,
@@ -547,6 +547,8 @@ def condense(
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
+    if cfg.down and world()[1] > 1:  # its statistics are not gathered across processes yet
+        raise UsageError("the down map (--down) is fitted in a single process for now; run it without torchrun")
     with dispatch(model) if cfg.kv else contextlib.nullcontext():
         return _sequential(model, pairs, cfg, progress).to("cpu")
 
