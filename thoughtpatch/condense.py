@@ -738,15 +738,23 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
 
 def _fit_down(model, blk, chunks, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
     """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
-    activations (the rest of the block's patch installed)."""
+    activations ``h`` (the rest of the block's patch installed).
+
+    The error ``e`` is taken back to the output projection's output ``u``: divided by the branch's scale, and
+    through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``."""
     only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
     stats, seen = MatrixStats(), {}
-    tap = (blk.mlp_out, "pre", lambda m, a: seen.__setitem__("h", a[0]))
+    tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
+    post = blk.post_mlp_norm
+    gain = None if post is None else post(torch.ones_like(next(post.parameters())))  # g, for an RMS norm
     for ch in chunks:
         out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
         k = keeps[ch.n]
-        target = spill.get("p", ch.n)["h"][ch.valid][k]
-        stats.add(None, seen["h"][ch.query][k], target - out[ch.query][k])
+        e = (spill.get("p", ch.n)["h"][ch.valid][k] - out[ch.query][k]) / blk.branch_scale
+        if gain is not None:
+            u = seen["u"][ch.query][k]
+            e = e * u.pow(2).mean(-1, keepdim=True).sqrt() / gain
+        stats.add(None, seen["h"][ch.query][k], e)
     g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map")
     b, a, _ = truncate(g, cfg.down_rank)
     return b.float(), a.float()

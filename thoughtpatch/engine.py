@@ -64,6 +64,7 @@ class Block:
     parallel: bool
     branch_scale: float = 1.0  # the factor on the attention and MLP outputs before they join the residual
     mlp_out: nn.Module | None = None  # the MLP's output projection (reads the MLP's hidden activations)
+    post_mlp_norm: nn.Module | None = None  # a norm on the MLP's output before it joins the residual
 
     def norm2(self, r: Tensor) -> Tensor:
         """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
@@ -109,6 +110,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             arch.block == "parallel",
             arch.branch_scale(model.config),
             _find(layer, arch.mlp_out),
+            _find(layer, arch.post_mlp_norm),
         )
         for i, layer in enumerate(layers)
     ]
