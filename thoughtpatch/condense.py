@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .apply import Positions, head_shape, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
-from .distributed import shard, share, world
+from .distributed import shard, share
 from .engine import (
     Block,
     StopBlock,
@@ -278,11 +278,11 @@ class MatrixStats:
     def vector(self) -> Tensor:
         return self.s_delta / self.n
 
-    def matrix(self, ridge: float, where: str = "") -> tuple[Tensor, float]:
-        """``M`` and the absolute ridge ``lam`` used; ``where`` names the fit in warnings."""
+    def matrix(self, ridge: float, where: str = "", option: str = "--ridge") -> tuple[Tensor, float]:
+        """``M`` and the absolute ridge ``lam`` used; ``where`` names the fit in warnings, ``option`` the setting."""
         lam = ridge * float(torch.trace(self.s_aa)) / self.s_aa.shape[0]
         if where:
-            warn_conditioning(self.s_aa, lam, where, "--ridge", ridge)
+            warn_conditioning(self.s_aa, lam, where, option, ridge)
         return ridge_solve(self.s_aa, self.s_ua, lam), lam
 
 
@@ -547,8 +547,6 @@ def condense(
     cfg.validate(model.config.num_hidden_layers)
     if cfg.construction == "parallel":
         raise UsageError("condense() runs the sequential construction; use condense_updates() for parallel")
-    if cfg.down and world()[1] > 1:  # its statistics are not gathered across processes yet
-        raise UsageError("the down map (--down) is fitted in a single process for now; run it without torchrun")
     with dispatch(model) if cfg.kv else contextlib.nullcontext():
         return _sequential(model, pairs, cfg, progress).to("cpu")
 
@@ -732,18 +730,18 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     if cfg.down and blk.mlp_out is not None:
-        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, spill, cfg, pos, lp, keeps)
+        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps)
     return lp
 
 
-def _fit_down(model, blk, chunks, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
+def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
     """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
     activations ``h`` (the rest of the block's patch installed).
 
     The error ``e`` is taken back to the output projection's output ``u``: divided by the branch's scale, and
     through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``."""
     only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
-    stats, seen = MatrixStats(), {}
+    seen: dict[str, Tensor] = {}
     tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
     post = blk.post_mlp_norm
     gain = None if post is None else post(torch.ones_like(next(post.parameters())))  # g, for an RMS norm
@@ -754,7 +752,12 @@ def _fit_down(model, blk, chunks, spill, cfg, pos, lp: LayerPatch, keeps) -> tup
         if gain is not None:
             u = seen["u"][ch.query][k]
             e = e * u.pow(2).mean(-1, keepdim=True).sqrt() / gain
-        stats.add(None, seen["h"][ch.query][k], e)
-    g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map")
+        spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
+    share(spill, "down", [ch.n for ch in chunks], total)
+    stats = MatrixStats()
+    for n in range(total):
+        d = spill.get("down", n)
+        stats.add(None, d["h"], d["e"])
+    g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map", "--down-ridge")
     b, a, _ = truncate(g, cfg.down_rank)
     return b.float(), a.float()
