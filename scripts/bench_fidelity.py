@@ -71,7 +71,7 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
                 if isinstance(cur, bool)
                 else (v if isinstance(cur, str) else None if v == "none" else type(cur or 0.0)(v))
             )
-            if k in ("rank", "kv_max") and v != "none":
+            if k in ("rank", "kv_max", "down_rank") and v != "none":
                 changes[k] = int(v)
     return name, (replace(cfg, **changes), generic)
 

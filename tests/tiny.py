@@ -133,7 +133,16 @@ def build(family: str, folder: Path, seed: int = 0, tok=None) -> Path:
 
 
 SHAPE = (3, 32, 4, 8)  # every pico model's blocks, hidden size, heads, head size
-PART_SCALES = {"attn": 0.15, "scalar": 0.3, "attn_bias": 0.5, "vector": 0.5, "matrix": 0.3, "query": 0.1, "gate": 0.1}
+PART_SCALES = {
+    "attn": 0.15,
+    "scalar": 0.3,
+    "attn_bias": 0.5,
+    "vector": 0.5,
+    "matrix": 0.3,
+    "query": 0.1,
+    "gate": 0.1,
+    "down": 0.1,
+}
 
 
 def random_patch(
@@ -147,9 +156,11 @@ def random_patch(
     shape: tuple[int, int, int, int] = SHAPE,
     dtype: torch.dtype = torch.float32,
     meta: dict[str, str] | None = None,
+    inner: int = 64,
 ):
     """A patch with random values in the named parts at every block: ``attn`` (per-head maps) or ``scalar``
-    (per-head scales), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``.
+    (per-head scales), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``, ``down``
+    (rank ``rank``, from MLP activations of width ``inner``).
 
     Each part has its own size (``scale``: one for all); ``meta`` adds to a base model and a prompt hash.
     """
@@ -175,6 +186,8 @@ def random_patch(
             lp.attn_query = r("query", heads * head_dim, d)
         if "gate" in parts:
             lp.attn_gate = r("gate", heads, d + 1)
+        if "down" in parts:
+            lp.down_a, lp.down_b = r("down", inner, rank) / (1 if scale else rank**0.5), r("down", d, rank)
         return lp
 
     meta = {"base_model": "tiny", "prompt_sha256": f"{seed:064d}"} | (meta or {})

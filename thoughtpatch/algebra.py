@@ -2,7 +2,7 @@
 
 Every part of a patch is an additive correction at its site, linear in the part's tensors given the site's
 input: ``o <- o + W o + b + Q x + (g0 + G x) o`` at the attention output, ``h <- h + v`` for the vector and
-``z <- z + z A B^T`` at the MLP input. So a weighted sum is exact *per site*: given the same site inputs,
+``z <- z + z A B^T`` at the MLP input, ``y <- y + B A^T h`` for the down map on the MLP's hidden activations. So a weighted sum is exact *per site*: given the same site inputs,
 the merged patch's correction equals the weighted sum of the parents' corrections (matrices by
 concatenating their factors, which lets the rank grow). Applied to a whole model, block ``i``'s correction
 changes block ``i+1``'s input, so ``merge(a, b)`` applied is the sum of ``a`` and ``b`` applied only to
@@ -28,6 +28,7 @@ from .patch import LayerPatch, Patch
 __all__ = ["merge", "recompress", "factor_svd"]
 
 _SUMMED = ("attn_bias", "attn_query", "attn_gate", "vector")
+_FACTORS = {"matrix": ("matrix_a", "matrix_b"), "down": ("down_a", "down_b")}  # low-rank parts: (A, B)
 # metadata that describes the patch as a whole and carries over to a merge (the first parent's)
 _KEPT = ("base_model", "base_model_revision", "fingerprint", "model_parameters", "compute_dtype")
 
@@ -52,16 +53,17 @@ def _attn_weight(terms: list[tuple[float, Tensor]]) -> Tensor | None:
     return _sum(terms)
 
 
-def _matrix(terms: list[tuple[float, LayerPatch]]) -> tuple[Tensor | None, Tensor | None]:
-    """Concatenated factors; parents with the same ``A`` share columns (exact, and it keeps rank down)."""
+def _factors(terms: list[tuple[float, Tensor, Tensor]]) -> tuple[Tensor | None, Tensor | None]:
+    """Concatenated factors ``(A, B)`` of ``sum w B A^T``; parents with the same ``A`` share columns (exact, and
+    it keeps rank down)."""
     groups: list[tuple[Tensor, list[tuple[float, Tensor]]]] = []
-    for w, lp in terms:
+    for w, a_new, b_new in terms:
         for a, bs in groups:
-            if a.shape == lp.matrix_a.shape and a.dtype == lp.matrix_a.dtype and torch.equal(a, lp.matrix_a):
-                bs.append((w, lp.matrix_b))
+            if a.shape == a_new.shape and a.dtype == a_new.dtype and torch.equal(a, a_new):
+                bs.append((w, b_new))
                 break
         else:
-            groups.append((lp.matrix_a, [(w, lp.matrix_b)]))
+            groups.append((a_new, [(w, b_new)]))
     a_parts, b_parts = [], []
     for a, bs in groups:
         b = _sum(bs)
@@ -115,9 +117,9 @@ def _common(patches: list[Patch], force: bool, skip: int | None) -> tuple[str, i
 def _check_shapes(patches: list[Patch]) -> None:
     """Parts that meet in a sum must agree in shape (matrix factors in rows, attention maps in heads)."""
     for i in sorted({i for p in patches for i in p.layers}):
-        for name in (*_SUMMED, "attn_weight", "matrix_a"):
+        for name in (*_SUMMED, "attn_weight", "matrix_a", "down_a", "down_b"):
             ts = [t for p in patches if i in p.layers and (t := getattr(p.layers[i], name)) is not None]
-            keys = {tuple(t.shape[:1]) if name == "matrix_a" else tuple(t.shape) for t in ts}
+            keys = {tuple(t.shape[:1]) if name in ("matrix_a", "down_a", "down_b") else tuple(t.shape) for t in ts}
             if name == "attn_weight":  # a scalar per head merges with a full map of as many heads
                 full = {k for k in keys if len(k) == 3}
                 keys = full if len(full) > 1 else {k[:1] for k in keys}
@@ -160,7 +162,10 @@ def merge(
         here = [(w, p.layers[i]) for w, p in zip(weights, patches, strict=True) if i in p.layers]
         parts = {n: _sum([(w, getattr(lp, n)) for w, lp in here if getattr(lp, n) is not None]) for n in _SUMMED}
         parts["attn_weight"] = _attn_weight([(w, lp.attn_weight) for w, lp in here if lp.attn_weight is not None])
-        parts["matrix_a"], parts["matrix_b"] = _matrix([(w, lp) for w, lp in here if lp.matrix_a is not None])
+        for fa, fb in _FACTORS.values():
+            parts[fa], parts[fb] = _factors(
+                [(w, getattr(lp, fa), getattr(lp, fb)) for w, lp in here if getattr(lp, fa) is not None]
+            )
         parts.update(_slots([(w, lp) for w, lp in here if lp.kv_key is not None]))
         lp = LayerPatch(**parts)
         if lp.tensors():
@@ -188,29 +193,35 @@ def factor_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def recompress(patch: Patch, rank: int) -> tuple[Patch, dict]:
-    """Truncate every block's thought matrix ``B A^T`` to its best rank-``rank`` approximation (SVD).
+    """Truncate every block's thought matrix ``B A^T`` (and down map) to its best rank-``rank`` approximation (SVD).
 
     Returns the new patch and the relative Frobenius error it introduced, per block and overall
-    (``|M - M_k| / |M|``, summed over blocks for the overall figure).
+    (``|M - M_k| / |M|``, summed over blocks for the overall figure); the down map's under ``down``.
     """
     if rank < 1:
         raise UsageError("--rank must be >= 1")
-    layers, per_block, dropped, total = {}, {}, 0.0, 0.0
-    for i, lp in sorted(patch.layers.items()):
-        if lp.matrix_a is None:
-            layers[i] = lp
-            continue
-        dtype = lp.matrix_a.dtype
-        u, s, v = factor_svd(lp.matrix_a, lp.matrix_b)
-        k = min(rank, int((s > 0).sum()))
-        energy, lost = float((s**2).sum()), float((s[k:] ** 2).sum())
-        per_block[str(i)] = math.sqrt(lost / energy) if energy else 0.0
-        dropped, total = dropped + lost, total + energy
-        b, a = u[:, :k] * s[:k], v[:, :k]
-        parts = dict(vars(lp), matrix_a=a.to(dtype) if k else None, matrix_b=b.to(dtype) if k else None)
-        layers[i] = LayerPatch(**parts)
+    layers = {i: dict(vars(lp)) for i, lp in patch.layers.items()}
+    report: dict = {"rank": rank}
     meta = dict(patch.meta)
-    meta["method.rank"] = str(rank)
+    for part, (fa, fb) in _FACTORS.items():
+        per_block, dropped, total = {}, 0.0, 0.0
+        for i, parts in sorted(layers.items()):
+            if parts[fa] is None:
+                continue
+            dtype = parts[fa].dtype
+            u, s, v = factor_svd(parts[fa], parts[fb])
+            k = min(rank, int((s > 0).sum()))
+            energy, lost = float((s**2).sum()), float((s[k:] ** 2).sum())
+            per_block[str(i)] = math.sqrt(lost / energy) if energy else 0.0
+            dropped, total = dropped + lost, total + energy
+            parts[fa], parts[fb] = (v[:, :k].to(dtype), (u[:, :k] * s[:k]).to(dtype)) if k else (None, None)
+        error = {"relative_error": math.sqrt(dropped / total) if total else 0.0, "per_block": per_block}
+        if part == "matrix":
+            report |= error
+            meta["method.rank"] = str(rank)
+        elif per_block:
+            report["down"] = error
+            meta["method.down_rank"] = str(rank)
     meta["method.recompress"] = "svd"
-    report = {"rank": rank, "relative_error": math.sqrt(dropped / total) if total else 0.0, "per_block": per_block}
-    return Patch({i: lp for i, lp in layers.items() if lp.tensors()}, patch.placement, patch.skip, meta), report
+    out = {i: LayerPatch(**parts) for i, parts in layers.items()}
+    return Patch({i: lp for i, lp in sorted(out.items()) if lp.tensors()}, patch.placement, patch.skip, meta), report

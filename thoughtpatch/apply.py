@@ -28,13 +28,19 @@ def per_head(o: Tensor, w: Tensor) -> Tensor:
     return (flat @ w.transpose(-1, -2)).transpose(0, 1).reshape(*o.shape[:-1], w.shape[-2])
 
 
-__all__ = ["installed", "Positions", "head_shape", "kv_heads"]
+__all__ = ["installed", "Positions", "head_shape", "kv_heads", "mlp_width"]
 
 
 def kv_heads(model: nn.Module) -> int:
     """The number of key/value heads (grouped-query attention shares each among several heads)."""
     attention = blocks(model, architecture_for(model))[0].attention
     return model.config.num_attention_heads // getattr(attention, "num_key_value_groups", 1)
+
+
+def mlp_width(model: nn.Module) -> int | None:
+    """The width of the MLP's hidden activations (its output projection's input); None without that projection."""
+    out = blocks(model, architecture_for(model))[0].mlp_out
+    return None if out is None else getattr(out, "in_features", None) or getattr(out, "nx", None)
 
 
 def head_shape(model: nn.Module) -> tuple[int, int]:
@@ -139,6 +145,18 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             return (z + pos.gate((z @ lp.matrix_a.to(z)) @ lp.matrix_b.to(z).T), *args[1:])
 
         specs.append((blk.mlp, "pre", matrix))
+    if lp.down_a is not None:
+        if blk.mlp_out is None:
+            raise UsageError(
+                f"block {blk.index}: the patch has a down map but this model's MLP has no single output projection "
+                "(a mixture of experts); use a patch made for this model"
+            )
+
+        def down(module, args, output):  # y -> y + B A^T h on the MLP's output projection
+            h = args[0]
+            return output + pos.gate((h @ lp.down_a.to(h)) @ lp.down_b.to(h).T)
+
+        specs.append((blk.mlp_out, "fwd", down))
     if lp.kv_key is not None:
         specs += slot_hooks(blk.attention, Slots(lp.kv_key, lp.kv_value, lp.kv_bias, lp.kv_position), pos)
     return specs
@@ -169,9 +187,9 @@ def installed(model: nn.Module, patches: Patch | list[Patch], scale: float = 1.0
     with ExitStack() as stack:
         if any(p.has_slots for p in patches):
             stack.enter_context(dispatch(model))
-        states, kvh = [], kv_heads(model)
+        states, kvh, inner = [], kv_heads(model), mlp_width(model)
         for patch in patches:
-            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kvh)
+            validate_for(patch, cfg.hidden_size, cfg.num_hidden_layers, heads, head_dim, kv_heads=kvh, inner=inner)
             p = (patch.scaled(scale) if scale != 1.0 else patch).to(device_of(model))
             pos = Positions(p.skip)
             handle = model.register_forward_pre_hook(pos.from_call, with_kwargs=True)

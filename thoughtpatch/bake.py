@@ -9,7 +9,9 @@ Every bakeable part folds exactly into standard weights. Per block, with ``W`` i
   down projection's bias (where no norm follows the MLP), divided by the family's branch scale (Granite's
   ``residual_multiplier``) where the branch is scaled before it joins the residual;
 * thought matrix ``M = B A^T``: every MLP input ``W <- W (I + M)`` (in a mixture of experts: the router, every
-  expert's input projections and any shared expert with its gate, as the checkpoint stores them).
+  expert's input projections and any shared expert with its gate, as the checkpoint stores them);
+* down map ``G = B A^T`` on the MLP's hidden activations: the output projection ``W_out <- W_out + B A^T``
+  (mixtures of experts have no single output projection and refuse it).
 
 Patches installed together run in order (the first patch's hook first), so they fold last to first:
 the linear map ``L`` becomes ``L o T_n o ... o T_1``. The math runs in float32 (float64 for float64
@@ -124,8 +126,9 @@ def plan_bake(
     hidden, n_layers, heads, head_dim = config_sizes(config, arch)
     names = names or [f"patch {k + 1}" for k in range(len(patches))]
     need: dict[str, dict[int, str]] = {"attn": {}, "mlp": {}}  # biases needed: block -> the patch needing it
+    inner = _mlp_width(arch, config, headers or {})
     for patch, what in zip(patches, names, strict=True):
-        validate_for(patch, hidden, n_layers, heads, head_dim, what)
+        validate_for(patch, hidden, n_layers, heads, head_dim, what, inner=inner)
         if patch.has_slots:
             raise UsageError(
                 f"{what} carries virtual key/value slots (--kv), which weights cannot express; rebuild it with "
@@ -139,6 +142,8 @@ def plan_bake(
         for i, lp in sorted(patch.layers.items()):
             if lp.in_memory_only:
                 raise _refuse(what, i, "query-dependent attention term", "it reads the query")
+            if lp.down_a is not None and arch.mlp_out is None:
+                raise _refuse(what, i, "down map", f"{arch.name} models have no single MLP output projection")
             if lp.vector is not None:
                 after = arch.post_attn_norm if patch.placement == "attn_out" else arch.post_mlp_norm
                 if after:
@@ -162,6 +167,8 @@ def plan_bake(
             plan.roles[pre + arch.attn_out + ".weight"] = ("o.weight", i)
         if any(lp.matrix_a is not None for lp, _ in parts):
             plan.roles.update(dict.fromkeys(_mlp_input_tensors(arch, pre, headers or {}), ("mlp_in.weight", i)))
+        if any(lp.down_a is not None for lp, _ in parts):
+            plan.roles[pre + arch.mlp_out + ".weight"] = ("down.weight", i)
     for group, flag, modules, out in (
         ("attn", arch.attn_bias_flag, arch.attn_bias_modules, arch.attn_out),
         ("mlp", arch.mlp_bias_flag, arch.mlp_bias_modules, arch.mlp_out),
@@ -187,6 +194,15 @@ def plan_bake(
                 }
             )
     return plan
+
+
+def _mlp_width(arch: Architecture, config: dict, headers: dict[str, dict]) -> int | None:
+    """The width of the MLP's hidden activations: the output projection's input size in the checkpoint (or the
+    config's, where no headers are given); None where unknown."""
+    h = headers.get(f"{arch.layers}.0.{arch.mlp_out}.weight") if arch.mlp_out else None
+    if h is not None:
+        return int(h["shape"][0 if arch.transposed else -1])
+    return config.get("intermediate_size") or config.get("n_inner")
 
 
 def _mlp_input_tensors(arch: Architecture, pre: str, headers: dict[str, dict]) -> list[str]:
@@ -266,6 +282,8 @@ def bake_tensor(name: str, x, plan: BakePlan, read: Callable[[str], object]):
             x = x + _times_map(x, lp.attn_weight, plan)
         elif kind == "mlp_in.weight" and lp.matrix_a is not None:
             x = x + _times_matrix(x, lp, plan)
+        elif kind == "down.weight" and lp.down_a is not None:
+            x = x + _cast(lp.down_b, x) @ _cast(lp.down_a, x).T
         elif kind == "o.bias":
             if lp.attn_bias is not None:
                 x = x + w_o @ _cast(lp.attn_bias, x)
@@ -388,7 +406,9 @@ def _check_shapes(plan: BakePlan, headers: dict[str, dict], hidden: int) -> None
         h = headers[src]
         kind = plan.roles.get(name, ("", 0))[0]
         want = {"o.weight": plan.heads * plan.head_dim, "mlp_in.weight": hidden}.get(kind, hidden)
-        got = h["shape"][0 if plan.transposed else -1] if kind.endswith("weight") else h["shape"][0]
+        read_dim = 0 if plan.transposed else -1  # weights read these sizes; the output projection writes hidden
+        dim = (-1 - read_dim) if kind == "down.weight" else read_dim if kind.endswith("weight") else 0
+        got = h["shape"][dim]
         if h["dtype"] not in _DTYPES or (kind and got != want):
             raise UsageError(
                 f"checkpoint tensor {src!r} is {h['dtype']} {h['shape']}; baking needs a float with {want} there"

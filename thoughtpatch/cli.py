@@ -79,6 +79,18 @@ Placement = Annotated[str | None, typer.Option(help="Where the vector acts: skip
 Rank = Annotated[int | None, typer.Option(help="Rank of the thought matrices (default: full; implies --matrix).")]
 Ridge = Annotated[float | None, typer.Option(help="Matrix ridge, relative to the mean MLP-input energy.")]
 AttnRidge = Annotated[float | None, typer.Option(help="Attention-map ridge, relative.")]
+Down = Annotated[
+    bool | None,
+    typer.Option(
+        "--down/--no-down",
+        help="Fit the down map: a low-rank map from the MLP's hidden activations to the block output's remaining "
+        "error (bakes into the MLP output projection; not on mixtures of experts).",
+    ),
+]
+DownRidge = Annotated[
+    float | None, typer.Option(help="Down-map ridge, relative to the mean MLP-activation energy (implies --down).")
+]
+DownRank = Annotated[int | None, typer.Option(help="Rank of the down maps (default: full; implies --down).")]
 Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
@@ -322,6 +334,8 @@ def _config(mode: str, **options):
     given = {k: v for k, v in options.items() if v is not None}
     if "rank" in given or "ridge" in given:  # asking for a matrix's rank or ridge asks for the matrix
         given.setdefault("matrix", True)
+    if "down_rank" in given or "down_ridge" in given:
+        given.setdefault("down", True)
     if "layers" in given:
         given["layers"] = _layers(given["layers"])
     cfg = replace(PRESETS[mode], **given)
@@ -381,6 +395,9 @@ def condense(
     rank: Rank = None,
     ridge: Ridge = None,
     attn_ridge: AttnRidge = None,
+    down: Down = None,
+    down_ridge: DownRidge = None,
+    down_rank: DownRank = None,
     strength: Strength = None,
     layers: Layers = None,
     construction: Construction = None,
@@ -407,7 +424,7 @@ def condense(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
-        kv=kv, kv_max=kv_max, kv_budget=kv_budget,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget, down=down, down_ridge=down_ridge, down_rank=down_rank,
     )  # fmt: skip
     what = f"updates file {updates_file}"
     if cfg.construction == "parallel":  # condenses the updates themselves
@@ -450,6 +467,9 @@ def transmute(
     rank: Rank = None,
     ridge: Ridge = None,
     attn_ridge: AttnRidge = None,
+    down: Down = None,
+    down_ridge: DownRidge = None,
+    down_rank: DownRank = None,
     strength: Strength = None,
     layers: Layers = None,
     skip: Skip = None,
@@ -481,7 +501,7 @@ def transmute(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
-        kv=kv, kv_max=kv_max, kv_budget=kv_budget,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget, down=down, down_ridge=down_ridge, down_rank=down_rank,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")
@@ -799,7 +819,7 @@ def merge(
         str | None, typer.Option(help="A weight per patch, comma-separated (default: all 1); -1 negates.")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="concat: exact, matrix ranks add up; svd: re-compress every matrix to --rank.")
+        str, typer.Option(help="concat: exact, ranks add up; svd: re-compress every matrix and down map to --rank.")
     ] = "concat",
     rank: Annotated[int | None, typer.Option(help="Rank for --method svd.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge patches made for different base models.")] = False,
@@ -842,6 +862,10 @@ def merge(
     if method == "svd":
         patch, doc["recompression"] = recompress(patch, rank)
         log(f"SVD to rank {rank}: relative error {doc['recompression']['relative_error']:.3g}")
+        if "down" in doc["recompression"]:
+            log(
+                f"SVD of the down maps to rank {rank}: relative error {doc['recompression']['down']['relative_error']:.3g}"
+            )
     _write_patch(patch, output)
     doc |= {"parameters": patch.numel(), "layers": sorted(patch.layers), "ranks": {str(i): lp.rank for i, lp in sorted(patch.layers.items())}}  # fmt: skip
     _report(doc, json_out, output, "merged patch")

@@ -5,7 +5,8 @@
 * :func:`diff_patch_model`: the relative weight change ``|dW| / |W|`` a patch amounts to per block, and
   :func:`functional_diff` the KL between the base model's and the patched model's next-token outputs.
 * :func:`diff_models`: which tensors changed between two models of the same shape, and a low-rank patch
-  ``M = B A^T`` that explains the change of the MLP input matrices ``W' = W (I + M)``, with its error.
+  ``M = B A^T`` that explains the change of the MLP input matrices ``W' = W (I + M)``, and a down map
+  ``G = B A^T`` for the change of the MLP output projection ``W'_out = W_out + G``, with their errors.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def diff_patches(a: Patch, b: Patch) -> dict:
                 "effective_rank_a": _entropy_rank(sa), "effective_rank_b": _entropy_rank(sb),
                 "write_overlap": write_overlap, "read_overlap": _angles(va, vb)[1], "principal_angles_deg": write,
             }  # fmt: skip
+        ga, gb = (
+            None if lp is None or lp.down_a is None else lp.down_b.double() @ lp.down_a.double().T for lp in (la, lb)
+        )
+        if ga is not None or gb is not None:
+            ga, gb = (g if g is not None else torch.zeros_like(ga if ga is not None else gb) for g in (ga, gb))
+            row |= {"down_norm_a": float(ga.norm()), "down_norm_b": float(gb.norm()), "down_rel_diff": _rel(ga, gb)}
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
         if wa is not None or wb is not None:
             heads, head_dim = next(w for w in (wa, wb) if w is not None).shape[0], _head_dim(wa, wb)
@@ -117,8 +124,9 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
     """The relative weight change ``|dW| / |W|`` each block's patch amounts to.
 
     The thought matrix changes every MLP input matrix to ``W (I + M)``; the attention map changes the
-    output projection to ``W_o (I + D)`` (``D`` block-diagonal per head). Vectors, biases and the
-    query-dependent parts change no weight matrix; their norms are listed.
+    output projection to ``W_o (I + D)`` (``D`` block-diagonal per head); the down map the MLP output
+    projection to ``W_out + B A^T``. Vectors, biases and the query-dependent parts change no weight matrix;
+    their norms are listed.
     """
     heads, head_dim = head_shape(model)
     blks = blocks(model, architecture_for(model))
@@ -132,6 +140,9 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
             wo = _weight(blk.attn_out, blk.transposed).unflatten(1, (heads, head_dim))  # (d, H, hd)
             dw = torch.einsum("dhj,hjk->dhk", wo, _full_attn(lp, heads, head_dim))
             row["attn_out_rel_change"] = float(dw.norm() / wo.norm())
+        if lp.down_a is not None and blk.mlp_out is not None:
+            w_out = _weight(blk.mlp_out, blk.transposed)
+            row["mlp_out_rel_change"] = float((lp.down_b.double() @ lp.down_a.double().T).norm() / w_out.norm())
         for name, t in lp.tensors().items():
             if name in ("vector", "attn.bias", "attn.query", "attn.gate"):
                 row[name.replace(".", "_") + "_norm"] = float(t.norm())
@@ -159,44 +170,64 @@ def functional_diff(model: nn.Module, patch: Patch, prompts: list[list[int]]) ->
 
 @torch.no_grad()
 def diff_models(base: nn.Module, changed: nn.Module, rank: int | None = None) -> tuple[dict, Patch]:
-    """Which tensors differ (``in_patch``: an MLP input matrix, which the patch models), and the low-rank
-    patch that best explains the MLP-input changes.
+    """Which tensors differ (``in_patch``: an MLP input matrix or output projection, which the patch models),
+    and the low-rank patch that best explains their changes.
 
-    Per block, ``M`` solves ``W M = W' - W`` over the stacked MLP input matrices (least squares), truncated
-    to ``rank`` (default: its numerical rank); the reported error is ``|W M_k - (W' - W)| / |W' - W|``.
+    Per block, ``M`` solves ``W M = W' - W`` over the stacked MLP input matrices (least squares), and the down
+    map is the output projection's change ``W'_out - W_out`` itself; each is truncated to ``rank`` (default: its
+    numerical rank); the reported error is ``|W M_k - (W' - W)| / |W' - W|`` (``|G_k - dW_out| / |dW_out|``).
     """
     sa, sb = base.state_dict(), changed.state_dict()
     arch = architecture_for(base)
-    mlp_in = {f"{arch.layers}.{i}.{p}.weight" for i in range(len(blocks(base, arch))) for p in arch.mlp_inputs}
+    n = len(blocks(base, arch))
+    modules = [*arch.mlp_inputs, *([arch.mlp_out] if arch.mlp_out else [])]
+    modelled = {f"{arch.layers}.{i}.{p}.weight" for i in range(n) for p in modules}
     tensors = []
     for name in sorted(set(sa) | set(sb)):
-        row: dict[str, object] = {"name": name, "in_patch": name in mlp_in}
+        row: dict[str, object] = {"name": name, "in_patch": name in modelled}
         if name not in sa or name not in sb or sa[name].shape != sb[name].shape:
             tensors.append(row | {"status": "shape" if name in sa and name in sb else "missing", "in_patch": False})
         elif not torch.equal(sa[name], sb[name]):
             d = (sb[name].double() - sa[name].double()).norm()
             tensors.append(row | {"status": "changed", "rel_change": float(d / max(sa[name].double().norm(), 1e-30))})
-    layers, rows = {}, []
+    layers: dict[int, LayerPatch] = {}
+    rows, down_rows = [], []
     for ba, bb in zip(blocks(base, arch), blocks(changed, arch), strict=True):
+        lp = LayerPatch()
         w = torch.cat([_weight(m, ba.transposed) for m in ba.mlp_inputs])
         dw = torch.cat([_weight(m, bb.transposed) for m in bb.mlp_inputs]) - w
-        if not dw.any():
-            continue
-        m = torch.linalg.lstsq(w, dw).solution
-        u, s, vh = torch.linalg.svd(m)
-        k = int((s > RANK_TOL * s[0]).sum()) if rank is None else min(rank, s.numel())
-        b, a = u[:, :k] * s[:k], vh[:k].T
-        err = float((w @ (b @ a.T) - dw).norm() / dw.norm())
         dtype = ba.mlp_inputs[0].weight.dtype
-        layers[ba.index] = LayerPatch(matrix_a=a.to(dtype), matrix_b=b.to(dtype))
-        rows.append({"block": ba.index, "rank": k, "relative_error": err, "rel_change": float(dw.norm() / w.norm())})
-    errs = [r["relative_error"] for r in rows]
+        if dw.any():
+            (lp.matrix_a, lp.matrix_b), row = _low_rank(w, dw, torch.linalg.lstsq(w, dw).solution, rank, dtype)
+            rows.append({"block": ba.index, **row})
+        if ba.mlp_out is not None:
+            w_out = _weight(ba.mlp_out, ba.transposed)
+            dg = _weight(bb.mlp_out, bb.transposed) - w_out
+            if dg.any():
+                (lp.down_a, lp.down_b), row = _low_rank(w_out, dg, dg, rank, dtype, identity=True)
+                down_rows.append({"block": ba.index, **row})
+        if lp.tensors():
+            layers[ba.index] = lp
+    errs = [r["relative_error"] for r in rows + down_rows]
     report = {
         "kind": "model_vs_model",
         "changed_tensors": tensors,
         "mlp_input_patch": rows,
         "max_relative_error": max(errs, default=0.0),
-    }
+    } | ({"down_patch": down_rows} if down_rows else {})
     return report, Patch(
         layers, "skip", 0, {"method.construction": "model_diff", "method.rank": str(rank or "numerical")}
     )
+
+
+def _low_rank(
+    w: Tensor, dw: Tensor, m: Tensor, rank: int | None, dtype: torch.dtype, identity: bool = False
+) -> tuple[tuple[Tensor, Tensor], dict]:
+    """Factors ``(A, B)`` of ``m`` truncated to ``rank`` (default: numerical), and how well ``W B A^T``
+    (``B A^T`` where ``identity``) explains ``dw``."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    k = int((s > RANK_TOL * s[0]).sum()) if rank is None else min(rank, s.numel())
+    b, a = u[:, :k] * s[:k], vh[:k].T
+    fit = b @ a.T if identity else w @ (b @ a.T)
+    row = {"rank": k, "relative_error": float((fit - dw).norm() / dw.norm()), "rel_change": float(dw.norm() / w.norm())}
+    return (a.to(dtype), b.to(dtype)), row

@@ -78,6 +78,9 @@ class CondenseConfig:
     kv_max: int | None = None  # at most this many slots per block (None: no cap)
     kv_ridge: float = 0.01  # slot refit ridge, relative to the Gram matrix's mean diagonal
     kv_budget: float | None = None  # all slots together: at most this share of the model's parameters (None: no cap)
+    down: bool = False  # a map from the MLP's hidden activations to its output (bakes into the down projection)
+    down_ridge: float = 1.0  # its ridge, relative to the mean feature energy
+    down_rank: int | None = None  # its rank (None: full)
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
 
     def validate(self, n_layers: int | None = None) -> None:
@@ -91,7 +94,7 @@ class CondenseConfig:
             raise UsageError(f"--rank must be a positive integer, not {self.rank}")
         if self.ridge < 0 or self.attn_ridge < 0:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
-        if not (self.vector or self.matrix or self.attn != "none" or self.kv):
+        if not (self.vector or self.matrix or self.attn != "none" or self.kv or self.down):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
         if self.bakeable and (self.attn_query or self.attn_gate or self.skip not in (None, 0)):
             raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
@@ -107,6 +110,10 @@ class CondenseConfig:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
             raise UsageError("virtual key/value slots need the sequential construction")
+        if self.down and self.construction == "parallel":
+            raise UsageError("the down map (--down) needs the sequential construction")
+        if self.down_ridge < 0 or (self.down_rank is not None and self.down_rank <= 0):
+            raise UsageError("--down-ridge must be >= 0 and --down-rank a positive integer")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
             raise UsageError("the query-dependent attention terms need --attn scalar or full")
         if n_layers is not None and self.layers is not None:
@@ -115,7 +122,7 @@ class CondenseConfig:
                 raise UsageError(f"--layers {bad[0]} is out of range: the model has blocks 0..{n_layers - 1}")
 
     def describe(self) -> dict[str, str]:
-        return {
+        out = {
             "construction": self.construction,
             "attn": self.attn,
             "attn_query": str(self.attn_query).lower(),
@@ -130,9 +137,18 @@ class CondenseConfig:
             "attn_ridge": repr(self.attn_ridge),
             "strength": repr(self.strength),
             "sink_factor": repr(self.sink_factor),
-        } | (self._kv() if self.kv else {})
+        }
+        return out | self._kv() | self._down()
+
+    def _down(self) -> dict[str, str]:
+        if not self.down:
+            return {}
+        rank = "full" if self.down_rank is None else str(self.down_rank)
+        return {"down": "true", "down_ridge": repr(self.down_ridge), "down_rank": rank}
 
     def _kv(self) -> dict[str, str]:
+        if not self.kv:
+            return {}
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
         kv |= {"kv_budget": repr(self.kv_budget)} if self.kv_budget else {}
         return kv | {"kv_select": self.kv_select}
@@ -262,11 +278,11 @@ class MatrixStats:
     def vector(self) -> Tensor:
         return self.s_delta / self.n
 
-    def matrix(self, ridge: float, where: str = "") -> tuple[Tensor, float]:
-        """``M`` and the absolute ridge ``lam`` used; ``where`` names the fit in warnings."""
+    def matrix(self, ridge: float, where: str = "", option: str = "--ridge") -> tuple[Tensor, float]:
+        """``M`` and the absolute ridge ``lam`` used; ``where`` names the fit in warnings, ``option`` the setting."""
         lam = ridge * float(torch.trace(self.s_aa)) / self.s_aa.shape[0]
         if where:
-            warn_conditioning(self.s_aa, lam, where, "--ridge", ridge)
+            warn_conditioning(self.s_aa, lam, where, option, ridge)
         return ridge_solve(self.s_aa, self.s_ua, lam), lam
 
 
@@ -400,8 +416,10 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
 
 
 def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
-    """A bakeable config narrowed to what folds exactly into this family's weights: a thought vector needs a
-    bias with no norm after it, the head map's constant part a bias on the attention output."""
+    """A config narrowed to what this family has: no down map without an MLP output projection (mixtures of
+    experts); when bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm
+    after it, the head map's constant part a bias on the attention output."""
+    cfg = replace(cfg, down=cfg.down and arch.mlp_out is not None)
     if not cfg.bakeable:
         return cfg
     if cfg.placement == "skip":
@@ -711,4 +729,35 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
         vm, kept = _vector_matrix(stats, cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
+    if cfg.down and blk.mlp_out is not None:
+        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps)
     return lp
+
+
+def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
+    """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
+    activations ``h`` (the rest of the block's patch installed).
+
+    The error ``e`` is taken back to the output projection's output ``u``: divided by the branch's scale, and
+    through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``."""
+    only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
+    seen: dict[str, Tensor] = {}
+    tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
+    post = blk.post_mlp_norm
+    gain = None if post is None else post(torch.ones_like(next(post.parameters())))  # g, for an RMS norm
+    for ch in chunks:
+        out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
+        k = keeps[ch.n]
+        e = (spill.get("p", ch.n)["h"][ch.valid][k] - out[ch.query][k]) / blk.branch_scale
+        if gain is not None:
+            u = seen["u"][ch.query][k]
+            e = e * u.pow(2).mean(-1, keepdim=True).sqrt() / gain
+        spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
+    share(spill, "down", [ch.n for ch in chunks], total)
+    stats = MatrixStats()
+    for n in range(total):
+        d = spill.get("down", n)
+        stats.add(None, d["h"], d["e"])
+    g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map", "--down-ridge")
+    b, a, _ = truncate(g, cfg.down_rank)
+    return b.float(), a.float()

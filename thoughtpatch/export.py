@@ -7,6 +7,8 @@ standard modules, with ``W`` in the ``(out, in)`` layout (the same rules as baki
   diagonal, rank = heads x head size) and ``b = W_o`` (the base weight is needed);
 * thought matrix ``M = B A^T`` on the MLP input: every MLP input ``W`` gets ``delta W = W B A^T``, so
   ``a = A^T`` and ``b = W B`` (rank = the matrix's rank; full rank gives rank = hidden size);
+* down map ``G = B A^T`` on the MLP's hidden activations: the output projection gets ``delta W_out = B A^T``,
+  so ``a = A^T`` and ``b = B`` (with a ``skip`` vector's bias on the same module in PEFT);
 * PEFT only (``lora_bias=True``): the attention constant ``c`` and an ``attn_out`` vector as the bias of
   ``o_proj``'s LoRA (``W_o c + v``), a ``skip`` vector as the bias of the down projection's LoRA (where no
   norm follows the MLP);
@@ -87,6 +89,8 @@ def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool
         )
     layers, dropped = {}, {}
     for i, lp in sorted(patch.layers.items()):
+        if lp.down_a is not None and arch.mlp_out is None:
+            raise UsageError(f"{what}: block {i}'s down map needs an MLP output projection, which {arch.name} lacks")
         why = {}
         if lp.vector is not None:
             if target == "gguf" and patch.placement == "attn_out":
@@ -161,13 +165,14 @@ def lora_terms(
         if lp.matrix_a is not None:
             for m in arch.mlp_inputs:
                 terms.append(LoraTerm(pre + m, lp.matrix_a.float().T, weight(pre + m) @ lp.matrix_b.float()))
-        if target == "peft" and lp.vector is not None and patch.placement == "skip":
-            out, inner = weight(pre + arch.mlp_out).shape  # a bias alone: zero LoRA weights of rank 1
-            terms.append(
-                LoraTerm(
-                    pre + arch.mlp_out, torch.zeros(1, inner), torch.zeros(out, 1), lp.vector.float() / branch_scale
-                )
-            )
+        vector = target == "peft" and lp.vector is not None and patch.placement == "skip"
+        if lp.down_a is not None:
+            a, b = lp.down_a.float().T, lp.down_b.float()
+        elif vector:  # a bias alone: zero LoRA weights of rank 1
+            out, inner = weight(pre + arch.mlp_out).shape
+            a, b = torch.zeros(1, inner), torch.zeros(out, 1)
+        if lp.down_a is not None or vector:
+            terms.append(LoraTerm(pre + arch.mlp_out, a, b, lp.vector.float() / branch_scale if vector else None))
     return [_compress(t, rank) for t in terms] if rank else terms
 
 
@@ -292,7 +297,7 @@ def export_patch(
     """Export ``patch`` for the model in ``model_dir`` into the new folder ``dst``; returns a summary
     (``progress(1)`` after each module's base weight is read)."""
     from .architectures import architecture_for
-    from .bake import _header, _json, _reader, _shard_map, config_sizes
+    from .bake import _header, _json, _mlp_width, _reader, _shard_map, config_sizes
     from .files import new_folder
     from .patch import validate_for
 
@@ -306,13 +311,14 @@ def export_patch(
     config = _json(src / "config.json")
     arch = architecture_for(SimpleNamespace(**config))
     hidden, n_layers, heads, head_dim = config_sizes(config, arch)
-    validate_for(patch, hidden, n_layers, heads, head_dim, what)
+    shard_of = _shard_map(src)
+    parsed = {f: _header(src / f) for f in sorted(set(shard_of.values()))}
+    headers = {k: v for h, _ in parsed.values() for k, v in h.items() if k != "__metadata__"}
+    validate_for(patch, hidden, n_layers, heads, head_dim, what, inner=_mlp_width(arch, config, headers))
     patch, warnings = exportable(patch, arch, target, drop_vectors, what)
     for w in warnings:
         if log:
             log(f"warning: {w}")
-    shard_of = _shard_map(src)
-    parsed = {f: _header(src / f) for f in sorted(set(shard_of.values()))}
     read = _reader(src, shard_of, parsed)
 
     def weight(module: str) -> Tensor:

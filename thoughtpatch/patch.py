@@ -14,6 +14,9 @@ Tensors, per block ``l`` (0-based), each optional:
   the MLP norm (``attn_out``), per the ``placement`` metadata.
 * ``layers.l.matrix.B`` / ``layers.l.matrix.A``: ``(d, k)`` factors of the thought matrix ``M = B A^T``
   acting on the MLP input: every MLP input matrix ``W <- W (I + M)``.
+* ``layers.l.down.B`` / ``layers.l.down.A``: ``(d, k)`` / ``(I, k)`` factors of the down map ``G = B A^T`` from
+  the MLP's hidden activations ``h`` (the input of its output projection, width ``I``) to its output:
+  ``y <- y + G h``, i.e. the output projection ``W_out <- W_out + B A^T``.
 * ``layers.l.kv.key`` / ``layers.l.kv.value``: ``(KVH, m, hd)`` virtual key/value slots and
   ``layers.l.kv.bias`` / ``layers.l.kv.position``: ``(KVH, m)`` their log-multiplicities and positions (for
   sliding-window layers) (thoughtpatch.virtual): at the patched positions
@@ -66,6 +69,8 @@ _PARTS = {
     "kv_value": "kv.value",
     "kv_bias": "kv.bias",
     "kv_position": "kv.position",
+    "down_a": "down.A",
+    "down_b": "down.B",
 }
 
 
@@ -85,6 +90,8 @@ class LayerPatch:
     kv_value: Tensor | None = None
     kv_bias: Tensor | None = None
     kv_position: Tensor | None = None
+    down_a: Tensor | None = None
+    down_b: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, f) for f, name in _PARTS.items() if getattr(self, f) is not None}
@@ -108,7 +115,7 @@ class LayerPatch:
         """Every additive part times ``alpha`` (the matrix through its left factor); the slots are a copy of the
         prompt's keys and values, not a difference, and stay as they are."""
         s = {k: (None if v is None else v * alpha) for k, v in vars(self).items()}
-        s.update({k: getattr(self, k) for k in ("matrix_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
+        s.update({k: getattr(self, k) for k in ("matrix_a", "down_a", "kv_key", "kv_value", "kv_bias", "kv_position")})
         return LayerPatch(**s)
 
     def to(self, device: torch.device | str) -> LayerPatch:
@@ -162,9 +169,10 @@ def patch_to_bytes(patch: Patch) -> bytes:
                 "vector": "residual after the MLP" if patch.placement == "skip" else "mid-residual before the MLP norm",
                 "matrix": "MLP input: every matrix W that reads it becomes W (I + B A^T)",
             }
+            | ({"down": "MLP output projection: W_out becomes W_out + B A^T"} if _has(patch, "down_a") else {})
             | (
                 {"kv": "attention keys/values: the slots replace the skipped leading tokens at the patched positions"}
-                if any(lp.kv_key is not None for lp in patch.layers.values())
+                if _has(patch, "kv_key")
                 else {}
             ),
             sort_keys=True,
@@ -173,6 +181,10 @@ def patch_to_bytes(patch: Patch) -> bytes:
         storage_dtype=_dtype_name(tensors),
     )
     return save_tensors(tensors, meta)
+
+
+def _has(patch: Patch, part: str) -> bool:
+    return any(getattr(lp, part) is not None for lp in patch.layers.values())
 
 
 def _dtype_name(tensors: dict[str, Tensor]) -> str:
@@ -233,6 +245,10 @@ def patch_from_bytes(data: bytes, what: str = "patch", numpy: bool = False) -> P
             lp.matrix_a is not None and lp.matrix_a.shape != lp.matrix_b.shape
         ):
             raise UsageError(f"{what}: layer {i} needs matrix.A and matrix.B of the same shape")
+        if (lp.down_a is None) != (lp.down_b is None) or (
+            lp.down_a is not None and lp.down_a.shape[1] != lp.down_b.shape[1]
+        ):
+            raise UsageError(f"{what}: layer {i} needs down.A and down.B with the same number of columns")
         if (lp.kv_key is None) != (lp.kv_value is None) or (
             lp.kv_key is not None
             and (
@@ -270,6 +286,7 @@ def _check_sizes(layers: dict[int, LayerPatch], hidden: int, n_layers: int, what
         got = {
             "vector": None if lp.vector is None else lp.vector.shape[0],
             "matrix.A": None if lp.matrix_a is None else lp.matrix_a.shape[0],
+            "down.B": None if lp.down_b is None else lp.down_b.shape[0],
             "attn.query": None if lp.attn_query is None else lp.attn_query.shape[1],
             "attn.gate": None if lp.attn_gate is None else lp.attn_gate.shape[1] - 1,
         }
@@ -286,8 +303,10 @@ def validate_for(
     head_dim: int,
     what: str = "patch",
     kv_heads: int | None = None,
+    inner: int | None = None,
 ) -> None:
-    """Check every tensor's shape against the model's sizes before anything runs."""
+    """Check every tensor's shape against the model's sizes before anything runs (``inner``: the width of the
+    MLP's hidden activations, where known)."""
     for i, lp in patch.layers.items():
         if not 0 <= i < n_layers:
             raise UsageError(f"{what}: layer {i} is out of range for a model with {n_layers} blocks")
@@ -312,6 +331,13 @@ def validate_for(
             raise UsageError(
                 f"{what}: layer {i} matrix factors have {lp.matrix_a.shape[0]} rows, the model needs {hidden}"
             )
+        if lp.down_a is not None and (
+            lp.down_b.shape[0] != hidden or lp.down_a.shape[0] != (inner or lp.down_a.shape[0])
+        ):
+            raise UsageError(
+                f"{what}: layer {i} down factors B, A have {lp.down_b.shape[0]}, {lp.down_a.shape[0]} rows, the model "
+                f"needs {hidden}, {inner}"
+            )
 
 
 def describe_patch(patch: Patch) -> dict:
@@ -325,6 +351,9 @@ def describe_patch(patch: Patch) -> dict:
             m = lp.matrix()
             row["matrix_rank"] = lp.rank
             row["matrix_norm"] = float(m.norm())
+        if lp.down_a is not None:
+            row["down_rank"] = int(lp.down_a.shape[1])
+            row["down_norm"] = float((lp.down_b @ lp.down_a.T).norm())
         if lp.attn_weight is not None:
             row["attn_weight_norm"] = float(lp.attn_weight.norm())
             row["attn_form"] = "scalar" if lp.attn_weight.dim() == 1 else "full"

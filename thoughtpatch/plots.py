@@ -15,16 +15,17 @@ DIFF_PANELS: dict[str, list[tuple[str, str, list[tuple[str, str]]]]] = {
         ("thought vector", "norm", [("vector_norm_a", "a"), ("vector_norm_b", "b")]),
         ("thought matrix", "norm (Frobenius)", [("matrix_norm_a", "a"), ("matrix_norm_b", "b")]),
         ("attention map", "norm (Frobenius)", [("attn_norm_a", "a"), ("attn_norm_b", "b")]),
+        ("down map", "norm (Frobenius)", [("down_norm_a", "a"), ("down_norm_b", "b")]),
         (
             "agreement (1: the same)",
             "cosine / mean cos² of principal angles",
             [("vector_cosine", "vector cosine"), ("write_overlap", "matrix write space"), ("read_overlap", "matrix read space")],
         ),
-        ("difference", "|a - b| / max(|a|, |b|)", [("matrix_rel_diff", "thought matrix"), ("attn_rel_diff", "attention map")]),
+        ("difference", "|a - b| / max(|a|, |b|)", [("matrix_rel_diff", "thought matrix"), ("attn_rel_diff", "attention map"), ("down_rel_diff", "down map")]),
         ("effective rank of the thought matrix", "exp(entropy of singular values)", [("effective_rank_a", "a"), ("effective_rank_b", "b")]),
     ],
     "patch_vs_model": [
-        ("relative weight change", "|dW| / |W|", [("mlp_in_rel_change", "MLP inputs"), ("attn_out_rel_change", "attention output")]),
+        ("relative weight change", "|dW| / |W|", [("mlp_in_rel_change", "MLP inputs"), ("attn_out_rel_change", "attention output"), ("mlp_out_rel_change", "MLP output (down map)")]),
         (
             "parts that change no weight matrix",
             "norm",

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 from thoughtpatch import load_model
 from thoughtpatch.algebra import merge, recompress
-from thoughtpatch.apply import Positions, head_shape, installed, layer_hook_specs
+from thoughtpatch.apply import Positions, head_shape, installed, layer_hook_specs, mlp_width
 from thoughtpatch.architectures import architecture_for
 from thoughtpatch.engine import blocks
 from thoughtpatch.errors import UsageError
@@ -35,12 +35,12 @@ def lm(tiny_dir):
 
 def random_patch(lm, seed: int, attn: str = "full", rank: int = 3, placement: str = "skip", skip: int = 1) -> Patch:
     """Every part, float64, in this model's sizes and with its fingerprint."""
-    parts = {"attn" if attn == "full" else "scalar", "attn_bias", "vector", "matrix", "query", "gate"}
+    parts = {"attn" if attn == "full" else "scalar", "attn_bias", "vector", "matrix", "query", "gate", "down"}
     cfg = lm.model.config
     shape = (cfg.num_hidden_layers, cfg.hidden_size, *head_shape(lm.model))
     return tiny.random_patch(
         parts, placement, seed=seed, skip=skip, rank=rank, scale=0.1, shape=shape, dtype=torch.float64,
-        meta={"fingerprint": fp(lm)},
+        meta={"fingerprint": fp(lm)}, inner=mlp_width(lm.model),
     )  # fmt: skip
 
 
@@ -55,6 +55,8 @@ def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:
             out["attn"] = fn(module, (inputs["o"],))[0] - inputs["o"]
         elif module is blk.mlp:
             out["matrix"] = fn(module, (inputs["z"],))[0] - inputs["z"]
+        elif module is blk.mlp_out:
+            out["down"] = fn(module, (inputs["m"],), inputs["h"]) - inputs["h"]
         else:
             out["vector"] = fn(module, (), inputs["h"]) - inputs["h"]
     return out
@@ -67,28 +69,33 @@ def test_merge_corrections_are_the_weighted_sum_per_site(lm, forms):
     m = merge([a, b], [wa, wb])
     g = torch.Generator().manual_seed(0)
     d, (h, hd) = lm.model.config.hidden_size, head_shape(lm.model)
-    inputs = {k: torch.randn(2, 5, n, generator=g, dtype=torch.float64) for k, n in (("x", d), ("o", h * hd), ("z", d), ("h", d))}  # fmt: skip
+    inner = mlp_width(lm.model)
+    inputs = {k: torch.randn(2, 5, n, generator=g, dtype=torch.float64) for k, n in (("x", d), ("o", h * hd), ("z", d), ("h", d), ("m", inner))}  # fmt: skip
     for i in a.layers:
         ca, cb, cm = (corrections(lm, p, i, inputs) for p in (a, b, m))
-        assert set(cm) == {"attn", "vector", "matrix"}
+        assert set(cm) == {"attn", "vector", "matrix", "down"}
         for site in cm:
             assert (cm[site] - (wa * ca[site] + wb * cb[site])).abs().max() < 1e-9, site
-        assert m.layers[i].rank == 5  # concatenated factors: ranks add up
+        assert m.layers[i].rank == 5 and m.layers[i].down_a.shape == (inner, 5)  # concatenated factors: ranks add up
         assert torch.allclose(m.layers[i].matrix(), wa * a.layers[i].matrix() + wb * b.layers[i].matrix(), atol=1e-14)
         assert m.layers[i].attn_weight.dim() == (1 if forms == ("scalar", "scalar") else 3)
 
 
-def test_vector_sum_applied_to_the_whole_model(lm):
-    """Vectors alone add up exactly through the whole model (they do not change any site's input map)."""
-    only_vec = [
-        Patch({i: LayerPatch(vector=lp.vector) for i, lp in random_patch(lm, s).layers.items()}) for s in (3, 4)
+@pytest.mark.parametrize("parts", [("vector",), ("down_a", "down_b")])
+def test_vector_and_down_sums_applied_to_the_whole_model(lm, parts):
+    """Vectors alone, or down maps alone, add up exactly through the whole model (they do not change any site's
+    input map)."""
+    only = [
+        Patch({i: LayerPatch(**{k: getattr(lp, k) for k in parts}) for i, lp in random_patch(lm, s).layers.items()})
+        for s in (3, 4)
     ]
     ids = torch.tensor([free_ids(lm.tokenizer, "the lazy dog")])
-    with installed(lm.model, only_vec):
+    base = lm.model(input_ids=ids).logits
+    with installed(lm.model, only):
         both = lm.model(input_ids=ids).logits
-    with installed(lm.model, merge(only_vec)):
+    with installed(lm.model, merge(only)):
         merged = lm.model(input_ids=ids).logits
-    assert (both - merged).abs().max() < 1e-9
+    assert (both - merged).abs().max() < 1e-9 and (both - base).abs().max() > 1e-3
 
 
 def test_merge_with_negation_is_the_base_model_bit_for_bit(lm):
@@ -124,6 +131,12 @@ def test_recompress_reports_its_error(lm):
         assert math.isclose(err, float(s[2:].norm() / s.norm()), rel_tol=1e-9)
         num, den = num + float((full - approx).norm() ** 2), den + float(full.norm() ** 2)
     assert math.isclose(rep["relative_error"], math.sqrt(num / den), rel_tol=1e-9) and rep["relative_error"] > 0.01
+    for i, lp in m.layers.items():  # the down maps the same way, reported apart
+        full, approx = (p.down_b @ p.down_a.T for p in (lp, low.layers[i]))
+        s = torch.linalg.svdvals(full)
+        assert low.layers[i].down_a.shape[1] == 2 and math.isclose(rep["down"]["per_block"][str(i)], float((full - approx).norm() / full.norm()), rel_tol=1e-9)  # fmt: skip
+        assert math.isclose(rep["down"]["per_block"][str(i)], float(s[2:].norm() / s.norm()), rel_tol=1e-9)
+    assert rep["down"]["relative_error"] > 0.01 and low.meta["method.down_rank"] == "2"
 
 
 def test_merge_refuses_what_it_cannot_sum_exactly(lm):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
-from thoughtpatch.apply import installed
+from thoughtpatch.apply import installed, mlp_width
 from thoughtpatch.architectures import architecture_for
 from thoughtpatch.bake import bake_checkpoint, bake_tensor, patch_record, plan_bake
 from thoughtpatch.condense import CondenseConfig, for_family
@@ -63,20 +63,23 @@ CAN = {
     "qwen3_moe": {"attn_bias", "attn_out"},
     "qwen2_moe": set(),
 }
+MOE = {"mixtral", "olmoe", "qwen3_moe", "qwen2_moe"}  # no single MLP output projection: no down map
 L, D, H, HD = tiny.SHAPE
 META = {"method.mode": "test", "fidelity.kl": "0.05"}
 IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
 
 
 def patches_for(family: str) -> list[Patch]:
-    """Two patches with every part the family bakes (the second with scalar head maps)."""
+    """Two patches with every part the family bakes (the second with scalar head maps, the first with a down map
+    where the family has an MLP output projection)."""
     can = CAN[family]
-    first = {"attn", "matrix"} | ({"attn_bias"} & can)
+    first = {"attn", "matrix"} | ({"attn_bias"} & can) | ({"down"} if family not in MOE else set())
     placement = "attn_out" if "attn_out" in can else "skip"
     if placement in can:
         first.add("vector")
     second = {"scalar", "matrix"} | ({"vector"} if "skip" in can else set())
-    return [random_patch(first, placement, seed=1, meta=META), random_patch(second, seed=2, meta=META)]
+    inner = mlp_width(AutoModelForCausalLM.from_config(tiny.config(family))) or 0
+    return [random_patch(first, placement, seed=1, meta=META, inner=inner), random_patch(second, seed=2, meta=META)]
 
 
 def records(patches):
@@ -125,9 +128,11 @@ def test_bakeable_preset_keeps_what_the_family_bakes(family):
 @pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "olmo2", "gptj", "stablelm", "mixtral"])
 def test_parts_a_family_cannot_bake_are_refused(family, tiny_dir, tmp_path):
     src = tiny_dir(family)
-    refused = [random_patch({"attn", "vector"}, p, seed=3) for p in ("skip", "attn_out") if p not in CAN[family]] + [
-        random_patch({"attn", "attn_bias"}, seed=3)
-    ] * ("attn_bias" not in CAN[family])
+    refused = (
+        [random_patch({"attn", "vector"}, p, seed=3) for p in ("skip", "attn_out") if p not in CAN[family]]
+        + [random_patch({"attn", "attn_bias"}, seed=3)] * ("attn_bias" not in CAN[family])
+        + [random_patch({"down"}, seed=3)] * (family in MOE)
+    )
     assert refused
     for p in refused:
         with pytest.raises(UsageError, match="cannot be baked exactly.*in memory.*export"):

@@ -26,13 +26,15 @@ def single(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "thoughtpatch", *args], capture_output=True, env=ENV, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["transmute", "extract"])
+@pytest.mark.parametrize(
+    "command", [["transmute"], ["extract"], ["transmute", "--mode", "bakeable", "--down-rank", "4"]], ids=str
+)
 def test_two_gloo_processes_write_the_single_process_bytes(tiny_dir, tmp_path, command):
     model = tiny_dir("llama")
     probes = tmp_path / "probes.txt"
     lines = (ROOT / "examples" / "french-probes.txt").read_text().splitlines()
     probes.write_text("\n".join(lines[:20]) + "\n")  # 3 chunks of 8: rank 0 runs one, rank 1 two
-    args = [command, str(ROOT / "examples" / "french.txt"), "--model", str(model), "--probes", str(probes)]
+    args = [command[0], str(ROOT / "examples" / "french.txt"), *command[1:], "--model", str(model), "--probes", str(probes)]
     args += ["--batch-size", "8", "--answer-tokens", "3", "--json", "-q"]
     one = single(*args, "-o", str(tmp_path / "one.st"))
     assert one.returncode == 0, one.stderr.decode()

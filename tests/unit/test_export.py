@@ -15,7 +15,7 @@ from safetensors import safe_open
 from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
-from thoughtpatch.apply import installed
+from thoughtpatch.apply import installed, mlp_width
 from thoughtpatch.errors import UsageError
 from thoughtpatch.export import export_patch
 from thoughtpatch.files import write_bytes
@@ -64,14 +64,14 @@ def check_peft(folder: Path, patch: Patch, out: Path, merges: bool) -> None:
 
 
 CASES = {  # family or folder, parts, placement, whether merge_and_unload() can fold the LoRA biases
-    "llama-bias-full": ("bias", {"attn", "attn_bias", "vector", "matrix"}, "skip", True),
+    "llama-bias-full": ("bias", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),
     "llama-bias-attn_out": ("bias", {"scalar", "attn_bias", "vector", "matrix"}, "attn_out", True),
-    "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix"}, "skip", True),
+    "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),  # down on a Conv1D
     "gemma2": ("gemma2", {"attn", "attn_bias", "matrix"}, "skip", False),  # no o_proj bias to merge into
     "phi3": ("phi3", {"attn", "matrix"}, "skip", True),  # no biases needed
     # vectors on branches that residual_multiplier scales
     "granite-attn_out": ("granite", {"attn", "attn_bias", "vector", "matrix"}, "attn_out", False),
-    "granite-skip": ("granite", {"vector"}, "skip", False),
+    "granite-skip": ("granite", {"vector", "down"}, "skip", False),  # the down map and the vector's bias share
 }
 
 
@@ -79,7 +79,7 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
 def test_peft_adapter_equals_the_patch(case, tiny_dir, biased_llama, tmp_path):
     where, parts, placement, merges = CASES[case]
     folder = biased_llama if where == "bias" else tiny_dir(where)
-    patch = random_patch(parts, placement, rank=D)
+    patch = random_patch(parts, placement, rank=D, inner=mlp_width(base(folder)))
     summary = export_patch(patch, folder, tmp_path / "lora", "peft")
     assert summary["files"] == ["adapter_model.safetensors", "adapter_config.json"]
     assert summary["merge_and_unload"] is merges
@@ -136,7 +136,7 @@ def gguf_tensors(path: Path) -> tuple[dict, dict]:
 
 def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
     folder = tiny_dir("llama")
-    patch = random_patch({"attn", "vector", "matrix"}, "skip", rank=4)
+    patch = random_patch({"attn", "vector", "matrix", "down"}, "skip", rank=4)
     with pytest.raises(UsageError, match="direction.0"):
         export_patch(patch, folder, tmp_path / "refused", "gguf")
     assert not (tmp_path / "refused").exists()
@@ -159,7 +159,10 @@ def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
     alpha = fields["adapter.lora.alpha"]
     want = {
-        f"blk.{i}.{n}.weight.lora_{ab}" for i in range(L) for n in ("attn_output", "ffn_gate", "ffn_up") for ab in "ab"
+        f"blk.{i}.{n}.weight.lora_{ab}"
+        for i in range(L)
+        for n in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        for ab in "ab"
     }
     assert set(tensors) == want
     model = base(folder)
@@ -173,6 +176,9 @@ def test_gguf_files_carry_llama_cpp_names_shapes_and_values(tiny_dir, tmp_path):
         a, b = tensors[f"blk.{i}.ffn_gate.weight.lora_a"], tensors[f"blk.{i}.ffn_gate.weight.lora_b"]
         assert a.shape == (4, D) and b.shape == (64, 4)
         torch.testing.assert_close(alpha / 4 * b @ a, w_g @ lp.matrix_b @ lp.matrix_a.T, atol=1e-5, rtol=1e-4)
+        a, b = tensors[f"blk.{i}.ffn_down.weight.lora_a"], tensors[f"blk.{i}.ffn_down.weight.lora_b"]
+        assert a.shape == (4, 64) and b.shape == (D, 4)
+        torch.testing.assert_close(alpha / 4 * b @ a, lp.down_b @ lp.down_a.T, atol=1e-6, rtol=1e-5)
 
 
 def test_gguf_refuses_constants_and_attn_out_vectors(tiny_dir, tmp_path):
@@ -185,6 +191,10 @@ def test_gguf_refuses_constants_and_attn_out_vectors(tiny_dir, tmp_path):
 
 def test_refusals_leave_nothing_behind(tiny_dir, tmp_path):
     folder, out = tiny_dir("llama"), tmp_path / "x"
+    with pytest.raises(UsageError, match="needs an MLP output projection, which mixtral lacks"):
+        export_patch(random_patch({"down"}), tiny_dir("mixtral"), out, "peft")
+    with pytest.raises(UsageError, match="down factors B, A have 32, 50 rows, the model needs 32, 64"):
+        export_patch(random_patch({"down"}, inner=50), folder, out, "peft")
     with pytest.raises(UsageError, match="unpatched"):
         export_patch(random_patch({"attn"}, skip=1), folder, out, "peft")
     with pytest.raises(UsageError, match="--to must be one of"):
