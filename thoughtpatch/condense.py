@@ -744,14 +744,16 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps)
     seen: dict[str, Tensor] = {}
     tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
     post = blk.post_mlp_norm
-    gain = None if post is None else post(torch.ones_like(next(post.parameters())))  # g, for an RMS norm
+    inverse = None
+    if post is not None:  # 1 / g for an RMS norm's gain g; 0 where g vanishes (the norm removes that direction)
+        g = post(torch.ones_like(next(post.parameters())))
+        inverse = torch.where(g.abs() > 1e-3 * g.abs().mean(), 1 / g, torch.zeros_like(g))
     for ch in chunks:
         out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
         k = keeps[ch.n]
         e = (spill.get("p", ch.n)["h"][ch.valid][k] - out[ch.query][k]) / blk.branch_scale
-        if gain is not None:
-            u = seen["u"][ch.query][k]
-            e = e * u.pow(2).mean(-1, keepdim=True).sqrt() / gain
+        if inverse is not None:
+            e = e * seen["u"][ch.query][k].pow(2).mean(-1, keepdim=True).sqrt() * inverse
         spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
     share(spill, "down", [ch.n for ch in chunks], total)
     stats = MatrixStats()
