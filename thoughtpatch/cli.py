@@ -88,9 +88,14 @@ Down = Annotated[
     ),
 ]
 DownRidge = Annotated[
-    float | None, typer.Option(help="Down-map ridge, relative to the mean MLP-activation energy (implies --down).")
+    float | None,
+    typer.Option(
+        help="Down-map ridge, relative to the mean MLP-activation energy (default: the mode's; implies --down)."
+    ),
 ]
-DownRank = Annotated[int | None, typer.Option(help="Rank of the down maps (default: full; implies --down).")]
+DownRank = Annotated[
+    int | None, typer.Option(help="Rank of the down maps (default: the mode's, 128 in bakeable; implies --down).")
+]
 Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
