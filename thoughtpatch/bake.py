@@ -615,5 +615,5 @@ def _finish(
         else:
             shutil.copyfile(p, tmp / p.name)
     for p in tmp.rglob("*"):
-        if p.is_file() and p.name not in files:  # the shards are flushed as they are written
+        if p.is_file() and not (p.parent == tmp and p.name in files):  # shards are flushed as they are written
             _fsync(p)
