@@ -25,14 +25,15 @@ import torch
 
 from thoughtpatch import default_probes, load_model, load_probes, load_prompt
 from thoughtpatch.condense import CondenseConfig, condense
-from thoughtpatch.constants import PRESETS
+from thoughtpatch.constants import PRESETS, SIMILAR_QUERIES
 from thoughtpatch.evaluate import answer_logprobs, evaluate, score, targets_for, tune_caa
-from thoughtpatch.pipeline import fit_pairs
+from thoughtpatch.pipeline import fit_pairs, similar_queries
 from thoughtpatch.prompts import align
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT_ANSWERS: dict[str, int] = {}  # per variant: answer tokens teacher-forced in the fit queries
 SAMPLES: dict[str, int] = {}  # per variant: extra sampled answers per fit query
+SIMILAR: dict[str, int] = {}  # per variant: model-written queries like the fit queries (default: the mode's)
 
 # name -> (config, extra generic probes added to the task's fit queries); variants may also set fit_answers
 METHODS: dict[str, tuple[CondenseConfig, int]] = {
@@ -49,9 +50,11 @@ METHODS: dict[str, tuple[CondenseConfig, int]] = {
 def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
     """``name=preset:key=value:key=value`` (e.g. ``r1=best:ridge=1.0:generic=32``) or a known name."""
     if "=" not in spec.split(":")[0]:
+        SIMILAR[spec] = SIMILAR_QUERIES.get(spec, 0)
         return spec, METHODS[spec]
     name, rest = spec.split("=", 1)
     base, *pairs = rest.split(":")
+    SIMILAR[name] = SIMILAR_QUERIES.get(base, 0)
     cfg, generic = METHODS[base] if base in METHODS else (PRESETS[base], 0)
     changes = {}
     for kv in pairs:
@@ -62,8 +65,12 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
             FIT_ANSWERS[name] = int(v)
         elif k == "samples":
             SAMPLES[name] = int(v)
+        elif k == "similar":
+            SIMILAR[name] = int(v)
         elif k == "layers":
             changes[k] = tuple(int(x) for x in v.split(","))
+        elif k.endswith("_grid"):  # values split by "/" (a comma separates methods)
+            changes[k] = tuple(float(x) for x in v.split("/"))
         else:
             cur = getattr(cfg, k)
             changes[k] = (
@@ -110,14 +117,20 @@ def run(args) -> dict:
         for name, (cfg, generic) in methods.items():
             t = time.perf_counter()
             k = FIT_ANSWERS.get(name, args.fit_answer_tokens)
-            if generic or k != args.fit_answer_tokens or SAMPLES.get(name):
-                pairs = fit_pairs(lm, prompt, fit_q + generic_pool[:generic], k, None, 16, SAMPLES.get(name, 0))
+            more = similar_queries(lm, fit_q, SIMILAR[name], prompt.as_text()) if SIMILAR.get(name) else []
+            if more:
+                print(f"[{task.name}] {name}: {len(more)} similar queries, e.g. {more[:3]}", file=sys.stderr)
+            if generic or k != args.fit_answer_tokens or SAMPLES.get(name) or more:
+                q = fit_q + more + generic_pool[:generic]
+                pairs = fit_pairs(lm, prompt, q, k, None, 16, SAMPLES.get(name, 0))
             else:
                 pairs = fit
             patches[name] = condense(m, pairs, cfg)
             build[name] = time.perf_counter() - t + t_fit * (len(fit_q) + generic) / (len(fit_q) + len(held_q))
+            chosen = {k: v for k, v in patches[name].meta.items() if k.endswith("_ridge_chosen")}
             print(
-                f"[{task.name}] built {name} in {build[name]:.1f}s ({patches[name].numel()} numbers)", file=sys.stderr
+                f"[{task.name}] built {name} in {build[name]:.1f}s ({patches[name].numel()} numbers) {chosen or ''}",
+                file=sys.stderr,
             )
         scores = evaluate(m, held, {"none": None, **patches})
         if args.baked:  # bakeable patches scored again on their baked checkpoint, loaded by plain transformers

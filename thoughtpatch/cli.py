@@ -90,7 +90,8 @@ Down = Annotated[
 DownRidge = Annotated[
     float | None,
     typer.Option(
-        help="Down-map ridge, relative to the mean MLP-activation energy (default: the mode's; implies --down)."
+        help="Down-map ridge, relative to the mean MLP-activation energy, in every block (default: the mode's; "
+        "bakeable picks it per block by cross-validation over the probes; implies --down)."
     ),
 ]
 DownRank = Annotated[
@@ -113,6 +114,13 @@ KvBudget = Annotated[
     typer.Option(
         help="All slots together take at most this share of the model's parameters (e.g. 0.0008), the same "
         "number in every block."
+    ),
+]
+Similar = Annotated[
+    int | None,
+    typer.Option(
+        help="Add this many queries like the probes, written by the model itself with the prompt as context "
+        "(default: the mode's; 0: none)."
     ),
 ]
 TrustRemoteCode = Annotated[
@@ -341,6 +349,8 @@ def _config(mode: str, **options):
         given.setdefault("matrix", True)
     if "down_rank" in given or "down_ridge" in given:
         given.setdefault("down", True)
+    if "down_ridge" in given:  # a ridge given is used in every block, not chosen by cross-validation
+        given["down_ridge_grid"] = None
     if "layers" in given:
         given["layers"] = _layers(given["layers"])
     cfg = replace(PRESETS[mode], **given)
@@ -481,6 +491,7 @@ def transmute(
     kv: Kv = None,
     kv_max: KvMax = None,
     kv_budget: KvBudget = None,
+    similar: Similar = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
     store_prompt: StorePrompt = True,
@@ -510,6 +521,11 @@ def transmute(
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")
+    from .constants import SIMILAR_QUERIES
+
+    similar = SIMILAR_QUERIES.get(mode, 0) if similar is None else similar
+    if similar < 0:
+        raise UsageError("--similar must be >= 0")
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
     lm = _load(model, dtype, device, cfg=cfg, device_map=device_map, max_memory=max_memory)
@@ -522,6 +538,7 @@ def transmute(
             answer_tokens=answer_tokens,
             chat=chat,
             store_prompt=store_prompt,
+            similar=similar,
             log=log,
             progress=step,
         )

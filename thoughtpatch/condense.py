@@ -81,6 +81,7 @@ class CondenseConfig:
     down: bool = False  # a map from the MLP's hidden activations to its output (bakes into the down projection)
     down_ridge: float = 1.0  # its ridge, relative to the mean feature energy
     down_rank: int | None = None  # its rank (None: full)
+    down_ridge_grid: tuple[float, ...] | None = None  # pick down_ridge per block by 2-fold CV over queries
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
 
     def validate(self, n_layers: int | None = None) -> None:
@@ -112,7 +113,11 @@ class CondenseConfig:
             raise UsageError("virtual key/value slots need the sequential construction")
         if self.down and self.construction == "parallel":
             raise UsageError("the down map (--down) needs the sequential construction")
-        if self.down_ridge < 0 or (self.down_rank is not None and self.down_rank <= 0):
+        if (
+            self.down_ridge < 0
+            or (self.down_rank is not None and self.down_rank <= 0)
+            or any(r < 0 for r in self.down_ridge_grid or ())
+        ):
             raise UsageError("--down-ridge must be >= 0 and --down-rank a positive integer")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
             raise UsageError("the query-dependent attention terms need --attn scalar or full")
@@ -144,7 +149,8 @@ class CondenseConfig:
         if not self.down:
             return {}
         rank = "full" if self.down_rank is None else str(self.down_rank)
-        return {"down": "true", "down_ridge": repr(self.down_ridge), "down_rank": rank}
+        grid = {"down_ridge_grid": ",".join(map(repr, self.down_ridge_grid))} if self.down_ridge_grid else {}
+        return {"down": "true", "down_ridge": repr(self.down_ridge), "down_rank": rank} | grid
 
     def _kv(self) -> dict[str, str]:
         if not self.kv:
@@ -156,6 +162,7 @@ class CondenseConfig:
 
 # ----------------------------------------------------------------------------------------------- statistics
 MAX_CONDITION = 1e10  # beyond this a float64 solve loses most of its digits
+NORM_DAMPING = 0.2  # down map through a norm: its gains are inverted with damping tau = this x median |gain|
 
 
 def warn_conditioning(s: Tensor, lam: Tensor | float, where: str, option: str, relative: float) -> None:
@@ -284,6 +291,28 @@ class MatrixStats:
         if where:
             warn_conditioning(self.s_aa, lam, where, option, ridge)
         return ridge_solve(self.s_aa, self.s_ua, lam), lam
+
+
+def cv_ridge(parts: list[tuple[Tensor, Tensor]], grid: tuple[float, ...]) -> float:
+    """The relative ridge of ``grid`` whose map ``y ~ M x`` predicts best across two folds of ``parts``
+    (``(x, y)`` row blocks; even and odd blocks form the folds: fit on one, squared error on the other).
+
+    One eigendecomposition per fold serves every ridge, of ``X X^T`` or ``X^T X``, whichever is smaller:
+    the held-out prediction is ``P diag(1 / (w + lam)) Q`` either way. With one block all of them, ``grid[0]``.
+    """
+    folds = [[p for n, p in enumerate(parts) if n % 2 == side and len(p[0])] for side in (0, 1)]
+    if not all(folds):
+        return grid[0]
+    (xa, ya), (xb, yb) = ([torch.cat(t).double() for t in zip(*f, strict=True)] for f in folds)
+    err = torch.zeros(len(grid), dtype=torch.float64)
+    for (x, y), (xt, yt) in (((xa, ya), (xb, yb)), ((xb, yb), (xa, ya))):
+        dual = x.shape[0] < x.shape[1]
+        w, v = torch.linalg.eigh(x @ x.T if dual else x.T @ x)
+        p, q = (xt @ x.T @ v, v.T @ y) if dual else (xt @ v, v.T @ (x.T @ y))
+        scale = float(w.clamp(min=0).sum()) / x.shape[1]  # relative ridge: the mean feature energy
+        for j, r in enumerate(grid):
+            err[j] += (yt - p @ (q / (w.clamp(min=0) + r * scale)[:, None])).pow(2).sum()
+    return grid[int(err.argmin())]
 
 
 def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
@@ -584,7 +613,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
     energies: list[float] = []
-    ridges: list[float] = []
+    ridges: dict[str, list[float]] = {"attn": [], "down": []}  # the ridges chosen per block by CV
     with Spill(device_of(model)) as spill:
         chunks = _chunks(model, pairs, skip, cfg.batch_size, spill)
         total = -(-len(pairs.queries) // cfg.batch_size)
@@ -620,8 +649,9 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
             if progress:
                 progress(1)
     patch.meta = _method_meta(cfg, energies)
-    if ridges:
-        patch.meta["method.attn_ridge_chosen"] = ",".join(repr(r) for r in ridges)
+    for part, chosen in ridges.items():
+        if chosen:
+            patch.meta[f"method.{part}_ridge_chosen"] = ",".join(repr(r) for r in chosen)
     return patch
 
 
@@ -653,7 +683,7 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 
-def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, slots=None) -> LayerPatch:
+def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots=None) -> LayerPatch:
     """Fit block ``blk`` from the rows of all ``total`` chunks in the spill, read a chunk at a time (on top of
     its ``slots``, when it has them)."""
     i = blk.index
@@ -690,7 +720,7 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
                 return attention_rows(lambda n, k: ((keep[: start[n]].sum() + k.cumsum(0) - 1) % 2 == 0) == side)
 
             ridge = min(cfg.attn_ridge_grid, key=lambda r: _cv_error(fold, cfg, r))
-            lp_ridge.append(ridge)
+            ridges["attn"].append(ridge)
         for k, v in fit_attention(attention_rows(), cfg, ridge, where=f"block {i} attention map").items():
             require_finite(v, f"block {i} {k} (condensation statistics)")
             setattr(lp, k, v)
@@ -730,24 +760,28 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, lp_ridge, s
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     if cfg.down and blk.mlp_out is not None:
-        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps)
+        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps, ridges["down"])
     return lp
 
 
-def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps) -> tuple[Tensor, Tensor]:
+def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps, chosen) -> tuple[Tensor, Tensor]:
     """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
     activations ``h`` (the rest of the block's patch installed).
 
     The error ``e`` is taken back to the output projection's output ``u``: divided by the branch's scale, and
-    through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``."""
+    through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``, damped
+    (``g / (g^2 + tau^2)`` for ``1 / g``, ``tau = NORM_DAMPING * median |g|``): a direction of small gain would
+    need a large change of ``u`` to move the output, and such changes, fitted on some queries, upset the
+    norm's scale on others (Gemma-3's gains span 0.01 to 1,600)."""
     only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
     seen: dict[str, Tensor] = {}
     tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
     post = blk.post_mlp_norm
     inverse = None
-    if post is not None:  # 1 / g for an RMS norm's gain g; 0 where g vanishes (the norm removes that direction)
+    if post is not None:  # the gain g inverted with damping: 1 / g where g is large, towards 0 where it is small
         g = post(torch.ones_like(next(post.parameters())))
-        inverse = torch.where(g.abs() > 1e-3 * g.abs().mean(), 1 / g, torch.zeros_like(g))
+        tau = NORM_DAMPING * g.abs().median()
+        inverse = g / (g * g + tau * tau)
     for ch in chunks:
         out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
         k = keeps[ch.n]
@@ -760,6 +794,10 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps)
     for n in range(total):
         d = spill.get("down", n)
         stats.add(None, d["h"], d["e"])
-    g, _ = stats.matrix(cfg.down_ridge, f"block {blk.index} down map", "--down-ridge")
+    ridge = cfg.down_ridge
+    if cfg.down_ridge_grid:
+        ridge = cv_ridge([(d["h"], d["e"]) for d in (spill.get("down", n) for n in range(total))], cfg.down_ridge_grid)
+        chosen.append(ridge)
+    g, _ = stats.matrix(ridge, f"block {blk.index} down map", "--down-ridge")
     b, a, _ = truncate(g, cfg.down_rank)
     return b.float(), a.float()

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from .condense import CondenseConfig
 
-__all__ = ["PRESETS", "FIT_ANSWER_TOKENS"]
+__all__ = ["PRESETS", "FIT_ANSWER_TOKENS", "SIMILAR_QUERIES"]
 
 # Teacher-forced tokens of the prompted model's own answer per fit probe: 16 beat 8 (mean KL 0.050 vs 0.054).
 FIT_ANSWER_TOKENS = 16
+
+# Model-written queries like the probes added to them, by mode (transmute --similar; others: none).
+SIMILAR_QUERIES: dict[str, int] = {}
 
 PRESETS: dict[str, CondenseConfig] = {
     # Any form `apply` runs: virtual key/value slots for a quarter of the prompt's tokens (a compressed copy of

@@ -30,6 +30,7 @@ __all__ = [
     "run_model_diff",
     "provenance",
     "fit_pairs",
+    "similar_queries",
     "check_context",
 ]
 
@@ -194,6 +195,40 @@ def fit_pairs(
     return out
 
 
+def similar_queries(
+    lm: LoadedModel, queries: list[str], n: int, context: str = "", shots: int = 8, per: int = 8, seed: int = 0
+) -> list[str]:
+    """Up to ``n`` new queries like ``queries``, written by the model itself: after ``context`` (e.g. the
+    prompt's text, so that it may ask about what the prompt holds) it continues a list of ``shots`` of them,
+    drawn at random, by a sampled line (``per`` lines for each list). Copies and repeats are dropped.
+
+    More task-like fit queries are what a patch that cannot read the prompt needs to generalise.
+    """
+    import random
+
+    from .engine import eos_ids, greedy
+
+    tok = lm.tokenizer
+    stop = {i for i, t in enumerate(tok.batch_decode([[i] for i in range(len(tok))])) if "\n" in t}
+    stop |= eos_ids(lm.model, tok)
+    head = "Example messages that users send, one per line:\n"
+    window = getattr(lm.model.config, "max_position_embeddings", None) or 1 << 30
+    if context.strip() and len(tok(context, add_special_tokens=False)["input_ids"]) + 512 <= window:
+        head = context.strip() + "\n\n" + head  # the context only where it leaves room for the list
+    rng, seen, out = random.Random(seed), set(queries), []
+    for c in range(3 * -(-n // per)):  # each list continued ``per`` times; stop once ``n`` are found
+        picked = rng.sample(queries, min(shots, len(queries)))
+        ids = tok(head + "\n".join(picked) + "\n", add_special_tokens=False)["input_ids"]
+        for new in greedy(lm.model, ids[:-1], [ids[-1:]] * per, 48, stop, per, 0.9, seed=seed + c):
+            line = tok.decode(new, skip_special_tokens=True).split("\n")[0].strip()
+            if line and line not in seen and len(out) < n:
+                seen.add(line)
+                out.append(line)
+        if len(out) >= n:
+            break
+    return out
+
+
 def run_transmute(
     lm: LoadedModel,
     prompt: Prompt,
@@ -203,19 +238,30 @@ def run_transmute(
     answer_tokens: int = 16,  # constants.FIT_ANSWER_TOKENS
     chat: bool | None = None,
     store_prompt: bool = True,
+    similar: int = 0,
     log: Callable[[str], None] = lambda s: None,
     progress: Callable[[int], None] | None = None,
 ):
-    """Extract and condense in one step: prompt in, patch out (with the seconds each stage took)."""
+    """Extract and condense in one step: prompt in, patch out (with the seconds each stage took).
+
+    ``similar`` adds that many model-written queries like ``queries`` (:func:`similar_queries`, the prompt as
+    context) to the fit set; the metadata records how many."""
     from .condense import condense
 
     t0 = time.perf_counter()
-    pairs = fit_pairs(lm, prompt, queries, answer_tokens, chat, cfg.batch_size)
+    more = similar_queries(lm, queries, similar, prompt.as_text()) if similar else []
+    if more:
+        log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
+    pairs = fit_pairs(lm, prompt, queries + more, answer_tokens, chat, cfg.batch_size)
     t1 = time.perf_counter()
-    log(f"{len(queries)} probes, {sum(len(q) for q in pairs.queries)} query tokens; condensing {cfg.construction}")
+    log(
+        f"{len(pairs.queries)} probes, {sum(len(q) for q in pairs.queries)} query tokens; condensing {cfg.construction}"
+    )
     patch = condense(lm.model, pairs, cfg, progress=progress)
     t2 = time.perf_counter()
     meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
+    if more:
+        meta |= {"probes_similar": str(len(more)), "probes_similar_sha256": sha256_text("\n".join(more))}
     _patch_meta(patch, lm, meta, sum(len(q) for q in pairs.queries), t2 - t0)
     return patch, {"answers": t1 - t0, "condense": t2 - t1, "total": t2 - t0}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import tiny
@@ -171,3 +172,50 @@ def test_cli_fits_inspects_merges_and_refuses_down_options(tiny_dir, tmp_path):
     r = run_cli(*args, str(tmp_path / "bad.st"), "--down-ridge", "-1")
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1 and b"--down-ridge must be >= 0" in r.stderr
     assert not (tmp_path / "bad.st").exists()
+
+
+@pytest.mark.parametrize(("rows", "width"), [(240, 40), (60, 90)])  # X^T X and X X^T the smaller one
+def test_cv_ridge_picks_the_ridge_with_the_least_held_out_error(rows, width):
+    from thoughtpatch.condense import cv_ridge
+
+    gen = torch.Generator().manual_seed(rows)
+    m = torch.randn(3, width, generator=gen)
+    parts = []
+    for _ in range(4):
+        x = torch.randn(rows // 4, width, generator=gen) * torch.linspace(0.1, 3, width)
+        parts.append((x, x @ m.T + 2 * torch.randn(rows // 4, 3, generator=gen)))
+    grid = (1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+    def held_out_error(r):  # fit on even blocks, score the odd ones, and the other way round
+        total = 0.0
+        for side in (0, 1):
+            x, y = (torch.cat(t).double() for t in zip(*parts[side::2], strict=True))
+            xt, yt = (torch.cat(t).double() for t in zip(*parts[1 - side :: 2], strict=True))
+            s = x.T @ x
+            fit = torch.linalg.solve(s + r * torch.trace(s) / width * torch.eye(width, dtype=s.dtype), x.T @ y)
+            total += float(((yt - xt @ fit) ** 2).sum())
+        return total
+
+    errors = [held_out_error(r) for r in grid]
+    assert cv_ridge(parts, grid) == grid[errors.index(min(errors))]
+    assert len(set(errors)) == len(grid) and errors.index(min(errors)) not in (0, len(grid) - 1)
+    assert cv_ridge(parts[:1], grid) == grid[0]  # one block: no second fold
+
+
+def test_the_down_ridge_chosen_per_block_is_recorded_and_a_ridge_given_fixes_it(tiny_dir):
+    from thoughtpatch.cli import _config
+
+    lm = load_model(str(tiny_dir("llama")))
+    base = CondenseConfig(attn="none", matrix=False, skip=0, bakeable=True, down=True, down_rank=4, batch_size=4)
+    grid = (0.01, 1.0, 100.0)
+    patch = _fit(lm, replace(base, down_ridge_grid=grid))
+    chosen = [float(r) for r in patch.meta["method.down_ridge_chosen"].split(",")]
+    assert len(chosen) == len(patch.layers) and set(chosen) <= set(grid)
+    assert patch.meta["method.down_ridge_grid"] == "0.01,1.0,100.0"
+    one = _fit(lm, replace(base, down_ridge=100.0, down_ridge_grid=(100.0,)))
+    fixed = _fit(lm, replace(base, down_ridge=100.0))
+    for i, lp in fixed.layers.items():
+        assert torch.equal(one.layers[i].down_a, lp.down_a) and torch.equal(one.layers[i].down_b, lp.down_b)
+    assert _config("bakeable", down_ridge=2.0).down_ridge_grid is None
+    with pytest.raises(UsageError, match="--down-ridge must be >= 0"):
+        replace(base, down_ridge_grid=(-1.0,)).validate()
