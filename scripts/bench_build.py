@@ -13,7 +13,7 @@ import time
 import torch
 
 from thoughtpatch import default_probes, load_model, load_prompt
-from thoughtpatch.constants import PRESETS
+from thoughtpatch.constants import PRESETS, SIMILAR_QUERIES
 from thoughtpatch.pipeline import run_transmute
 
 
@@ -40,7 +40,8 @@ def main() -> None:
     rows = {}
     for mode in args.modes.split(","):
         t = time.perf_counter()
-        patch, seconds = run_transmute(lm, load_prompt(args.prompt), probes, PRESETS[mode])
+        similar = SIMILAR_QUERIES.get(mode, 0)  # as transmute does by default
+        patch, seconds = run_transmute(lm, load_prompt(args.prompt), probes, PRESETS[mode], similar=similar)
         rows[mode] = {"seconds": round(time.perf_counter() - t, 2), "stages": {k: round(v, 2) for k, v in seconds.items()},
                       "parameters": patch.numel()}  # fmt: skip
     doc = {
@@ -54,10 +55,11 @@ def main() -> None:
         print(json.dumps(doc, indent=2))
         return
     print(f"transmute with {len(probes)} probes on {lm.model_id} ({doc['machine']}); model load {load_s:.1f} s\n")
-    print("| mode | seconds | answers | condense | numbers |\n|---|---|---|---|---|")
+    print("| mode | seconds | written queries | answers | condense | numbers |\n|---|---|---|---|---|---|")
     for mode, r in rows.items():
         print(
-            f"| {mode} | {r['seconds']} | {r['stages']['answers']} | {r['stages']['condense']} | {r['parameters']:,} |"
+            f"| {mode} | {r['seconds']} | {r['stages'].get('similar', 0)} | {r['stages']['answers']} | "
+            f"{r['stages']['condense']} | {r['parameters']:,} |"
         )
 
 

@@ -250,6 +250,7 @@ def run_transmute(
 
     t0 = time.perf_counter()
     more = similar_queries(lm, queries, similar, prompt.as_text()) if similar else []
+    t_similar = time.perf_counter() - t0
     if more:
         log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
     pairs = fit_pairs(lm, prompt, queries + more, answer_tokens, chat, cfg.batch_size)
@@ -263,7 +264,8 @@ def run_transmute(
     if more:
         meta |= {"probes_similar": str(len(more)), "probes_similar_sha256": sha256_text("\n".join(more))}
     _patch_meta(patch, lm, meta, sum(len(q) for q in pairs.queries), t2 - t0)
-    return patch, {"answers": t1 - t0, "condense": t2 - t1, "total": t2 - t0}
+    seconds = {"similar": t_similar} if similar else {}
+    return patch, seconds | {"answers": t1 - t0 - t_similar, "condense": t2 - t1, "total": t2 - t0}
 
 
 def run_condense(lm: LoadedModel, updates: Updates | TokenPairs, umeta: dict[str, str], cfg, progress=None):
