@@ -10,8 +10,9 @@ __all__ = ["PRESETS", "FIT_ANSWER_TOKENS", "SIMILAR_QUERIES"]
 # Teacher-forced tokens of the prompted model's own answer per fit probe: 16 beat 8 (mean KL 0.050 vs 0.054).
 FIT_ANSWER_TOKENS = 16
 
-# Model-written queries like the probes added to them, by mode (transmute --similar; others: none).
-SIMILAR_QUERIES: dict[str, int] = {}
+# Model-written queries like the probes added to them, by mode (transmute --similar; others: none). What cannot
+# read the prompt must learn from examples what it does: SmolLM2 bakeable fewshot_antonym KL 0.35 -> 0.16.
+SIMILAR_QUERIES: dict[str, int] = {"bakeable": 96}
 
 PRESETS: dict[str, CondenseConfig] = {
     # Any form `apply` runs: virtual key/value slots for a quarter of the prompt's tokens (a compressed copy of
@@ -26,11 +27,14 @@ PRESETS: dict[str, CondenseConfig] = {
     # hidden activations; it bakes into the MLP output projection). SmolLM2, 8 tasks (KL / top-1 / exact): 0.180 /
     # 0.817 / 0.396 -> 0.112 / 0.858 / 0.458 over the map + vector + full-rank thought matrix it replaces, at 9.3M
     # numbers instead of 21M (the full-rank matrix kept as well: 0.102 / 0.860 / 0.464 at 29M).
+    # Session 7: the down map's ridge chosen per block by cross-validation over the probes (SmolLM2 picks 0.1 on
+    # fewshot_arith, 1-3 on fewshot_antonym), and 96 model-written queries added to the probes (SIMILAR_QUERIES).
     # Narrowed per family to what folds exactly (condense.for_family): no vector where a norm follows it or no
     # bias exists, no constant where the attention output has no bias, no down map on mixtures of experts.
     "bakeable": CondenseConfig(
-        attn="full", vector=True, matrix=False, down=True, down_ridge=0.3, down_rank=128, skip=0, bakeable=True
-    ),
+        attn="full", vector=True, matrix=False, down=True, down_ridge=0.3, down_rank=128, skip=0, bakeable=True,
+        down_ridge_grid=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+    ),  # fmt: skip
     # <= 0.1% of the model's parameters: slots taking 0.08% of them, the same count in every block, and a scalar
     # per head (SmolLM2: 9 slots per block, 123k numbers, 0.09%; Gemma-3-270M 23, Qwen2.5-0.5B 80). Merged
     # slots rather than the heaviest tokens: 8 tasks, SmolLM2 KL 0.154 -> 0.130,
