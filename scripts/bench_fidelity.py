@@ -262,13 +262,14 @@ def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, st
 
 
 def pareto(results: dict, path: Path) -> None:
-    """Mean held-out top-1 and KL against patch size (share of the model's parameters), the front marked."""
+    """Mean held-out top-1 and KL against patch size (share of the model's parameters), the front marked; only
+    methods run on every task (means over fewer tasks would not compare)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mean = {n: s for n, s in summarise(results).items() if s["parameters"] > 0}
+    mean = {n: s for n, s in summarise(results).items() if s["parameters"] > 0 and s["tasks"] == len(results["tasks"])}
     pts = [(100 * s["share_of_model"], s["top1"], n) for n, s in mean.items()]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axes, ("top1", "kl"), strict=True):
