@@ -308,10 +308,11 @@ def cv_ridge(parts: list[tuple[Tensor, Tensor]], grid: tuple[float, ...]) -> flo
     for (x, y), (xt, yt) in (((xa, ya), (xb, yb)), ((xb, yb), (xa, ya))):
         dual = x.shape[0] < x.shape[1]
         w, v = torch.linalg.eigh(x @ x.T if dual else x.T @ x)
+        w = w.clamp(min=0)  # rounding can leave tiny negative eigenvalues
         p, q = (xt @ x.T @ v, v.T @ y) if dual else (xt @ v, v.T @ (x.T @ y))
-        scale = float(w.clamp(min=0).sum()) / x.shape[1]  # relative ridge: the mean feature energy
+        scale = float(w.sum()) / x.shape[1]  # relative ridge: the mean feature energy
         for j, r in enumerate(grid):
-            err[j] += (yt - p @ (q / (w.clamp(min=0) + r * scale)[:, None])).pow(2).sum()
+            err[j] += (yt - p @ (q / (w + r * scale)[:, None])).pow(2).sum()
     return grid[int(err.argmin())]
 
 
@@ -790,13 +791,14 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps,
             e = e * seen["u"][ch.query][k].pow(2).mean(-1, keepdim=True).sqrt() * inverse
         spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
     share(spill, "down", [ch.n for ch in chunks], total)
+    read = lambda: ((d["h"], d["e"]) for d in (spill.get("down", n) for n in range(total)))  # noqa: E731
+    parts = list(read()) if cfg.down_ridge_grid else None  # cross-validation holds them all: read them once
     stats = MatrixStats()
-    for n in range(total):
-        d = spill.get("down", n)
-        stats.add(None, d["h"], d["e"])
+    for h, e in parts or read():
+        stats.add(None, h, e)
     ridge = cfg.down_ridge
-    if cfg.down_ridge_grid:
-        ridge = cv_ridge([(d["h"], d["e"]) for d in (spill.get("down", n) for n in range(total))], cfg.down_ridge_grid)
+    if parts is not None:
+        ridge = cv_ridge(parts, cfg.down_ridge_grid)
         chosen.append(ridge)
     g, _ = stats.matrix(ridge, f"block {blk.index} down map", "--down-ridge")
     b, a, _ = truncate(g, cfg.down_rank)
