@@ -293,26 +293,26 @@ class MatrixStats:
         return ridge_solve(self.s_aa, self.s_ua, lam), lam
 
 
-def cv_ridge(parts: list[tuple[Tensor, Tensor]], grid: tuple[float, ...]) -> float:
-    """The relative ridge of ``grid`` whose map ``y ~ M x`` predicts best across two folds of ``parts``
-    (``(x, y)`` row blocks; even and odd blocks form the folds: fit on one, squared error on the other).
+def cv_ridge(folds: tuple[MatrixStats, MatrixStats], grid: tuple[float, ...]) -> float | None:
+    """The relative ridge of ``grid`` whose map ``u ~ M a`` fitted on one fold's statistics predicts the other's
+    best (squared error, each way round); None when a fold is empty.
 
-    One eigendecomposition per fold serves every ridge, of ``X X^T`` or ``X^T X``, whichever is smaller:
-    the held-out prediction is ``P diag(1 / (w + lam)) Q`` either way. With one block all of them, ``grid[0]``.
-    """
-    folds = [[p for n, p in enumerate(parts) if n % 2 == side and len(p[0])] for side in (0, 1)]
-    if not all(folds):
-        return grid[0]
-    (xa, ya), (xb, yb) = ([torch.cat(t).double() for t in zip(*f, strict=True)] for f in folds)
+    From statistics alone, whatever the number of rows: with ``S = V diag(w) V^T`` the fold's Gram matrix (one
+    eigendecomposition serves every ridge), ``M = C V D V^T``, ``D = diag(1 / (w + lam))``, and the held-out
+    error is, up to a constant, ``d^T (K * A^T A) d - 2 d . sum_rows(A * B)`` with ``A = C V``, ``B = C' V``,
+    ``K = V^T S' V`` (primes: the held-out fold)."""
+    if not all(f.n for f in folds):
+        return None
     err = torch.zeros(len(grid), dtype=torch.float64)
-    for (x, y), (xt, yt) in (((xa, ya), (xb, yb)), ((xb, yb), (xa, ya))):
-        dual = x.shape[0] < x.shape[1]
-        w, v = torch.linalg.eigh(x @ x.T if dual else x.T @ x)
+    for fit, held in (folds, folds[::-1]):
+        w, v = torch.linalg.eigh(fit.s_aa)
         w = w.clamp(min=0)  # rounding can leave tiny negative eigenvalues
-        p, q = (xt @ x.T @ v, v.T @ y) if dual else (xt @ v, v.T @ (x.T @ y))
-        scale = float(w.sum()) / x.shape[1]  # relative ridge: the mean feature energy
+        a, b = fit.s_ua @ v, held.s_ua @ v
+        quad, lin = (v.T @ held.s_aa @ v) * (a.T @ a), (a * b).sum(0)
+        scale = float(w.sum()) / len(w)  # relative ridge: the mean feature energy, as MatrixStats.matrix
         for j, r in enumerate(grid):
-            err[j] += (yt - p @ (q / (w + r * scale)[:, None])).pow(2).sum()
+            d = 1 / (w + r * scale)
+            err[j] += d @ quad @ d - 2 * d @ lin
     return grid[int(err.argmin())]
 
 
@@ -791,15 +791,15 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps,
             e = e * seen["u"][ch.query][k].pow(2).mean(-1, keepdim=True).sqrt() * inverse
         spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
     share(spill, "down", [ch.n for ch in chunks], total)
-    read = lambda: ((d["h"], d["e"]) for d in (spill.get("down", n) for n in range(total)))  # noqa: E731
-    parts = list(read()) if cfg.down_ridge_grid else None  # cross-validation holds them all: read them once
-    stats = MatrixStats()
-    for h, e in parts or read():
-        stats.add(None, h, e)
+    folds = (MatrixStats(), MatrixStats())  # query chunks alternate between two folds (never tokens)
+    for n in range(total):
+        d = spill.get("down", n)
+        folds[n % 2].add(None, d["h"], d["e"])
     ridge = cfg.down_ridge
-    if parts is not None:
-        ridge = cv_ridge(parts, cfg.down_ridge_grid)
+    if cfg.down_ridge_grid:  # one chunk alone: no second fold, the configured ridge
+        cv = cv_ridge(folds, cfg.down_ridge_grid)
+        ridge = ridge if cv is None else cv
         chosen.append(ridge)
-    g, _ = stats.matrix(ridge, f"block {blk.index} down map", "--down-ridge")
+    g, _ = (folds[0] + folds[1]).matrix(ridge, f"block {blk.index} down map", "--down-ridge")
     b, a, _ = truncate(g, cfg.down_rank)
     return b.float(), a.float()

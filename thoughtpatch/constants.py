@@ -32,9 +32,16 @@ PRESETS: dict[str, CondenseConfig] = {
     # Narrowed per family to what folds exactly (condense.for_family): no vector where a norm follows it or no
     # bias exists, no constant where the attention output has no bias, no down map on mixtures of experts.
     "bakeable": CondenseConfig(
-        attn="full", vector=True, matrix=False, down=True, down_ridge=0.3, down_rank=128, skip=0, bakeable=True,
+        attn="full",
+        vector=True,
+        matrix=False,
+        down=True,
+        down_ridge=0.3,
+        down_rank=128,
+        skip=0,
+        bakeable=True,
         down_ridge_grid=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-    ),  # fmt: skip
+    ),
     # <= 0.1% of the model's parameters: slots taking 0.08% of them, the same count in every block, and a scalar
     # per head (SmolLM2: 9 slots per block, 123k numbers, 0.09%; Gemma-3-270M 23, Qwen2.5-0.5B 80). Merged
     # slots rather than the heaviest tokens: 8 tasks, SmolLM2 KL 0.154 -> 0.130,

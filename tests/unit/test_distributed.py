@@ -34,8 +34,8 @@ def test_two_gloo_processes_write_the_single_process_bytes(tiny_dir, tmp_path, c
     probes = tmp_path / "probes.txt"
     lines = (ROOT / "examples" / "french-probes.txt").read_text().splitlines()
     probes.write_text("\n".join(lines[:20]) + "\n")  # 3 chunks of 8: rank 0 runs one, rank 1 two
-    args = [command[0], str(ROOT / "examples" / "french.txt"), *command[1:], "--model", str(model), "--probes", str(probes)]
-    args += ["--batch-size", "8", "--answer-tokens", "3", "--json", "-q"]
+    args = [command[0], str(ROOT / "examples" / "french.txt"), *command[1:], "--model", str(model)]
+    args += ["--probes", str(probes), "--batch-size", "8", "--answer-tokens", "3", "--json", "-q"]
     one = single(*args, "-o", str(tmp_path / "one.st"))
     assert one.returncode == 0, one.stderr.decode()
     two = torchrun(*args, "-o", str(tmp_path / "two.st"), cwd=tmp_path)
