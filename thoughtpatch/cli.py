@@ -260,6 +260,13 @@ def extract(
     store_prompt: Annotated[
         bool, typer.Option("--store-prompt/--no-store-prompt", help="Keep the prompt text in the file.")
     ] = True,
+    similar: Annotated[
+        int,
+        typer.Option(
+            help="Add this many queries like the probes, written by the model itself with the prompt as context "
+            "(transmute --bakeable adds 96)."
+        ),
+    ] = 0,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -270,17 +277,17 @@ def extract(
     from .prompts import load_probes, load_prompt
 
     _setup(quiet, output)
-    if answer_tokens < 0 or batch_size < 1:
-        raise UsageError("--answer-tokens must be >= 0 and --batch-size >= 1")
+    if answer_tokens < 0 or batch_size < 1 or similar < 0:
+        raise UsageError("--answer-tokens and --similar must be >= 0 and --batch-size >= 1")
     _one_stdin(prompt_file, probes)
     _stdout_once(json_out, output)
     prompt = load_prompt(prompt_file)
     queries = load_probes(probes)
     lm = _load(model, dtype, device, device_map=device_map, max_memory=max_memory)
-    with progress("extract", len(queries)) as step:
+    with progress("extract", len(queries) + similar) as step:
         result = run_extract(
             lm, prompt, queries, answer_tokens=answer_tokens, chat=chat, do_check=check, batch_size=batch_size,
-            store_prompt=store_prompt, output=output, log=log, progress=step,
+            store_prompt=store_prompt, output=output, similar=similar, log=log, progress=step,
         )  # fmt: skip
     if not is_main():  # under torchrun rank 0 writes the one output
         return

@@ -89,6 +89,7 @@ class ExtractResult:
             "mean_u_norm": [round(x, 4) for x in self.tally.mean(3, self.sink)],
             "prompt_sha256": self.meta["prompt_sha256"],
             "probes_sha256": self.meta["probes_sha256"],
+            **({"probes_similar": int(self.meta["probes_similar"])} if "probes_similar" in self.meta else {}),
             "base_model": self.meta["base_model"],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
@@ -105,18 +106,26 @@ def run_extract(
     batch_size: int = 16,
     store_prompt: bool = True,
     output: str | None = None,
+    similar: int = 0,
     log: Callable[[str], None] = lambda s: None,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Align the runs, teacher-force the prompted answers, extract the exact updates (and check them).
 
+    ``similar`` adds that many model-written queries like ``queries`` (:func:`similar_queries`), as
+    :func:`run_transmute` does; the metadata records how many.
+
     With ``output`` (a path, ``-`` for stdout; under ``torchrun`` rank 0 writes it) the updates go to that file
     batch by batch and are not kept: memory holds one batch of them whatever the number of probes; without,
     they come back in the result.
     """
-    seconds = {}
     t = time.perf_counter()
-    pairs = align(lm.tokenizer, prompt, queries, chat)
+    more = similar_queries(lm, queries, similar, prompt.as_text()) if similar else []
+    seconds = {"similar": time.perf_counter() - t} if similar else {}
+    if more:
+        log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
+    t = time.perf_counter()
+    pairs = align(lm.tokenizer, prompt, queries + more, chat)
     check_context(lm, pairs, answer_tokens)
     log(
         f"{len(queries)} queries; prompt {len(pairs.prefix_prompted)} tokens, prompt-free prefix {len(pairs.prefix_free)}"
@@ -124,7 +133,7 @@ def run_extract(
     pairs = teacher_answers(lm.model, lm.tokenizer, pairs, answer_tokens, batch_size=max(batch_size, 32))
     seconds["answers"] = time.perf_counter() - t
     t, checking = time.perf_counter(), 0.0
-    meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
+    meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)} | _similar_meta(more)
     tally, kept, worst, routing = Tally(pairs), [], 0.0, {}
     with UpdatesWriter(output, pairs, meta) if output and is_main() else contextlib.nullcontext() as writer:
         for rows in extract_rows(lm.model, pairs, batch_size=batch_size, progress=progress):
@@ -229,6 +238,11 @@ def similar_queries(
     return out
 
 
+def _similar_meta(more: list[str]) -> dict[str, str]:
+    """What the metadata records of the written queries (their text only by hash, like the probes)."""
+    return {"probes_similar": str(len(more)), "probes_similar_sha256": sha256_text("\n".join(more))} if more else {}
+
+
 def run_transmute(
     lm: LoadedModel,
     prompt: Prompt,
@@ -260,12 +274,15 @@ def run_transmute(
     )
     patch = condense(lm.model, pairs, cfg, progress=progress)
     t2 = time.perf_counter()
-    meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)}
-    if more:
-        meta |= {"probes_similar": str(len(more)), "probes_similar_sha256": sha256_text("\n".join(more))}
+    meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)} | _similar_meta(more)
     _patch_meta(patch, lm, meta, sum(len(q) for q in pairs.queries), t2 - t0)
     seconds = {"similar": t_similar} if similar else {}
     return patch, seconds | {"answers": t1 - t0 - t_similar, "condense": t2 - t1, "total": t2 - t0}
+
+
+# What a patch condensed from an updates file carries over from that file's metadata.
+_CARRIED = ("prompt_sha256", "prompt", "probes_sha256", "probes_similar", "probes_similar_sha256", "answer_tokens")
+_CARRIED += ("compute_dtype", "tokenizer_sha256")
 
 
 def run_condense(lm: LoadedModel, updates: Updates | TokenPairs, umeta: dict[str, str], cfg, progress=None):
@@ -283,11 +300,7 @@ def run_condense(lm: LoadedModel, updates: Updates | TokenPairs, umeta: dict[str
         patch = condense_updates(updates, cfg)
     else:
         patch = condense(lm.model, pairs, cfg, progress=progress)
-    keep = {
-        k: v
-        for k, v in umeta.items()
-        if k in ("prompt_sha256", "prompt", "probes_sha256", "answer_tokens", "compute_dtype", "tokenizer_sha256")
-    }
+    keep = {k: v for k, v in umeta.items() if k in _CARRIED}
     _patch_meta(patch, lm, keep, sum(len(q) for q in pairs.queries), time.perf_counter() - t0)
     return patch, {"condense": time.perf_counter() - t0}
 
