@@ -158,8 +158,8 @@ def random_patch(
     meta: dict[str, str] | None = None,
     inner: int = 64,
 ):
-    """A patch with random values in the named parts at every block: ``attn`` (per-head maps) or ``scalar``
-    (per-head scales), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``, ``down``
+    """A patch with random values in the named parts at every block: ``attn`` (per-head maps), ``scalar``
+    (per-head scales) or ``cross`` (one map across the heads), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``, ``down``
     (rank ``rank``, from MLP activations of width ``inner``).
 
     Each part has its own size (``scale``: one for all); ``meta`` adds to a base model and a prompt hash.
@@ -176,6 +176,8 @@ def random_patch(
         lp = LayerPatch()
         if "attn" in parts or "scalar" in parts:
             lp.attn_weight = r("scalar", heads) if "scalar" in parts else r("attn", heads, head_dim, head_dim)
+        if "cross" in parts:  # one map across the heads, of about the per-head map's size on each head
+            lp.attn_weight = r("attn", 1, heads * head_dim, heads * head_dim) / (1 if scale else heads**0.5)
         if "attn_bias" in parts:
             lp.attn_bias = r("attn_bias", heads * head_dim)
         if "vector" in parts:

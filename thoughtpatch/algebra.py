@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .patch import LayerPatch, Patch
+from .patch import LayerPatch, Patch, attn_matrix
 
 __all__ = ["merge", "recompress", "factor_svd"]
 
@@ -46,9 +46,13 @@ def _full(w: Tensor, head_dim: int) -> Tensor:
 
 
 def _attn_weight(terms: list[tuple[float, Tensor]]) -> Tensor | None:
-    """Scalars stay scalar; a scalar merged with a full map becomes its diagonal."""
+    """Scalars stay scalar; a scalar merged with a per-head map becomes its diagonal; either merged with a map
+    across the heads becomes its block diagonal."""
     full = [t for _, t in terms if t.dim() == 3]
-    if full:
+    cross = next((t for t in full if t.shape[0] == 1), None)
+    if cross is not None and any(t.shape != cross.shape for _, t in terms):  # everything as one matrix
+        terms = [(w, attn_matrix(t, cross.shape[-1] // len(t))[None]) for w, t in terms]
+    elif full:
         terms = [(w, _full(t, full[0].shape[-1])) for w, t in terms]
     return _sum(terms)
 
@@ -120,9 +124,10 @@ def _check_shapes(patches: list[Patch]) -> None:
         for name in (*_SUMMED, "attn_weight", "matrix_a", "down_a", "down_b"):
             ts = [t for p in patches if i in p.layers and (t := getattr(p.layers[i], name)) is not None]
             keys = {tuple(t.shape[:1]) if name in ("matrix_a", "down_a", "down_b") else tuple(t.shape) for t in ts}
-            if name == "attn_weight":  # a scalar per head merges with a full map of as many heads
-                full = {k for k in keys if len(k) == 3}
-                keys = full if len(full) > 1 else {k[:1] for k in keys}
+            if name == "attn_weight":  # maps merge when they are of as many heads, or as wide (across the heads)
+                widths = {t.shape[0] * t.shape[-1] for t in ts if t.dim() == 3}
+                heads = {t.shape[0] for t in ts if t.dim() == 1 or t.shape[0] > 1}
+                keys = widths if len(widths) > 1 else heads
             if len(keys) > 1:
                 raise UsageError(f"layer {i} {name.replace('_', '.')}: shapes differ between patches {sorted(keys)}")
 

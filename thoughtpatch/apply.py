@@ -113,7 +113,7 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             delta = torch.zeros_like(o)
             if lp.attn_weight is not None:
                 w = lp.attn_weight.to(o)
-                oh = o.unflatten(-1, (heads, head_dim))
+                oh = o.unflatten(-1, (heads, head_dim) if w.dim() == 1 else (w.shape[0], -1))  # cross: 1 group
                 d = oh * w[:, None] if w.dim() == 1 else per_head(oh, w)
                 delta = delta + d.flatten(-2)
             if lp.attn_bias is not None:

@@ -241,10 +241,12 @@ def _cast(a, like):
 
 
 def _times_map(w, a, plan: BakePlan):
-    """``W D`` for the block-diagonal per-head map ``D`` (``a``: (H, hd, hd) or a scalar per head)."""
-    a, h = _cast(a, w), w.reshape(w.shape[0], plan.heads, plan.head_dim)
+    """``W D`` for the attention map ``D``: block-diagonal per head (``a``: (H, hd, hd) or a scalar per head) or
+    across the heads (``a``: (1, H*hd, H*hd))."""
+    a = _cast(a, w)
     if a.ndim == 1:
-        return (h * a[:, None]).reshape(w.shape)
+        return (w.reshape(w.shape[0], plan.heads, plan.head_dim) * a[:, None]).reshape(w.shape)
+    h = w.reshape(w.shape[0], a.shape[0], a.shape[-1])
     if isinstance(w, np.ndarray):  # one pass over W (a batched matmul over heads copies W twice)
         return np.einsum("ohi,hij->ohj", h, a).reshape(w.shape)
     import torch

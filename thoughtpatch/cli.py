@@ -69,7 +69,10 @@ Output = Annotated[str, typer.Option("--output", "-o", help="File to write (- fo
 Plot = Annotated[str | None, typer.Option(help="Also draw the report into this PNG file (needs matplotlib).")]
 # Condensation options, shared by condense and transmute (None: the mode's default).
 Mode = Annotated[str, typer.Option(help="Preset: best (default), bakeable or compact; options below override it.")]
-Attn = Annotated[str | None, typer.Option(help="Per-head map of the attention output: full, scalar or none.")]
+Attn = Annotated[
+    str | None,
+    typer.Option(help="Map of the attention output: full (per head), scalar (per head), cross (across heads) or none."),
+]
 AttnQuery = Annotated[
     bool | None, typer.Option("--attn-query/--no-attn-query", help="Query-dependent attention term (in memory only).")
 ]

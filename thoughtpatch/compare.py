@@ -20,7 +20,7 @@ from .algebra import factor_svd
 from .apply import head_shape, installed
 from .architectures import architecture_for
 from .engine import blocks
-from .patch import LayerPatch, Patch
+from .patch import LayerPatch, Patch, attn_matrix
 
 __all__ = ["effective_rank", "diff_patches", "diff_patch_model", "functional_diff", "diff_models"]
 
@@ -67,11 +67,10 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm()) / scale if scale else 0.0
 
 
-def _full_attn(lp: LayerPatch | None, heads: int, head_dim: int) -> Tensor:
+def _attn(lp: LayerPatch | None, width: int, head_dim: int) -> Tensor:
+    """The block's attention map as one matrix on the concatenated head outputs (zero where it has none)."""
     w = None if lp is None else lp.attn_weight
-    if w is None:
-        return torch.zeros(heads, head_dim, head_dim, dtype=torch.float64)
-    return w.double() if w.dim() == 3 else w.double()[:, None, None] * torch.eye(head_dim, dtype=torch.float64)
+    return torch.zeros(width, width, dtype=torch.float64) if w is None else attn_matrix(w.double(), head_dim)
 
 
 def diff_patches(a: Patch, b: Patch) -> dict:
@@ -103,15 +102,22 @@ def diff_patches(a: Patch, b: Patch) -> dict:
             row |= {"down_norm_a": float(ga.norm()), "down_norm_b": float(gb.norm()), "down_rel_diff": _rel(ga, gb)}
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
         if wa is not None or wb is not None:
-            heads, head_dim = next(w for w in (wa, wb) if w is not None).shape[0], _head_dim(wa, wb)
-            fa, fb = _full_attn(la, heads, head_dim), _full_attn(lb, heads, head_dim)
+            head_dim = _head_dim(wa, wb)
+            width = max(w.shape[0] * (w.shape[-1] if w.dim() == 3 else head_dim) for w in (wa, wb) if w is not None)
+            fa, fb = _attn(la, width, head_dim), _attn(lb, width, head_dim)
             row |= {"attn_norm_a": float(fa.norm()), "attn_norm_b": float(fb.norm()), "attn_rel_diff": _rel(fa, fb)}
         rows.append(row)
     return {"kind": "patch_vs_patch", "parameters": [a.numel(), b.numel()], "layers": rows}
 
 
 def _head_dim(*ws: Tensor | None) -> int:
-    return next((w.shape[-1] for w in ws if w is not None and w.dim() == 3), 1)
+    """A scalar map's head width when the other map is per head or across the heads (then one per head of its
+    own width over the scalar's heads); 1 between two scalar maps."""
+    full = next((w for w in ws if w is not None and w.dim() == 3), None)
+    scalar = next((w for w in ws if w is not None and w.dim() == 1), None)
+    if full is None or scalar is None:
+        return 1 if full is None else full.shape[-1]
+    return full.shape[0] * full.shape[-1] // len(scalar)
 
 
 def _weight(module: nn.Module, transposed: bool) -> Tensor:
@@ -128,7 +134,7 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
     projection to ``W_out + B A^T``. Vectors, biases and the query-dependent parts change no weight matrix;
     their norms are listed.
     """
-    heads, head_dim = head_shape(model)
+    head_dim = head_shape(model)[1]
     blks = blocks(model, architecture_for(model))
     rows = []
     for i, lp in sorted(patch.layers.items()):
@@ -137,9 +143,8 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
             w = torch.cat([_weight(m, blk.transposed) for m in blk.mlp_inputs])
             row["mlp_in_rel_change"] = float((w @ lp.matrix().double()).norm() / w.norm())
         if lp.attn_weight is not None:
-            wo = _weight(blk.attn_out, blk.transposed).unflatten(1, (heads, head_dim))  # (d, H, hd)
-            dw = torch.einsum("dhj,hjk->dhk", wo, _full_attn(lp, heads, head_dim))
-            row["attn_out_rel_change"] = float(dw.norm() / wo.norm())
+            wo = _weight(blk.attn_out, blk.transposed)  # (d, H*hd)
+            row["attn_out_rel_change"] = float((wo @ attn_matrix(lp.attn_weight.double(), head_dim)).norm() / wo.norm())
         if lp.down_a is not None and blk.mlp_out is not None:
             w_out = _weight(blk.mlp_out, blk.transposed)
             row["mlp_out_rel_change"] = float((lp.down_b.double() @ lp.down_a.double().T).norm() / w_out.norm())

@@ -2,7 +2,8 @@
 
 Per block, fitted by ridge least squares over the query tokens of many probes (sink positions left out):
 
-* per-head affine map of the attention output ``o_c,h ~ o_0,h + W_h o_0,h + b_h (+ Q_h x)``, fitted first;
+* per-head affine map of the attention output ``o_c,h ~ o_0,h + W_h o_0,h + b_h (+ Q_h x)``, fitted first
+  (or one map across the heads, ``o_c ~ o_0 + W o_0 + b``, ``attn="cross"``);
 * thought vector ``v = mean_t delta_t``;
 * thought matrix ``M = (sum u a^T)(sum a a^T + lam I)^-1`` on the MLP input, truncated to rank k by SVD.
 
@@ -47,14 +48,14 @@ from .virtual import SELECT, allowed_keys, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
-ATTN_MODES = ("none", "scalar", "full")
+ATTN_MODES = ("none", "scalar", "full", "cross")
 
 
 @dataclass(frozen=True)
 class CondenseConfig:
     """How to condense; every choice is recorded in the patch metadata."""
 
-    attn: str = "full"  # per-head map of the attention output: none | scalar | full
+    attn: str = "full"  # map of the attention output: none | scalar | full (per head) | cross (across the heads)
     attn_query: bool = False  # add the query-dependent term (runs in memory only)
     attn_gate: bool = False  # add a query-dependent scale of each head's output (runs in memory only)
     attn_bias: bool = True  # the head map's constant part
@@ -120,7 +121,9 @@ class CondenseConfig:
         ):
             raise UsageError("--down-ridge must be >= 0 and --down-rank a positive integer")
         if (self.attn_query or self.attn_gate) and self.attn == "none":
-            raise UsageError("the query-dependent attention terms need --attn scalar or full")
+            raise UsageError("the query-dependent attention terms need --attn scalar, full or cross")
+        if self.attn_gate and self.attn == "cross":
+            raise UsageError("the attention gate scales each head: it needs --attn scalar or full, not cross")
         if n_layers is not None and self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < n_layers]
             if bad:
@@ -689,6 +692,8 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
     its ``slots``, when it has them)."""
     i = blk.index
     heads, head_dim = head_shape(model)
+    if cfg.attn == "cross":  # one map over all heads' outputs: a single group as wide as them all
+        heads, head_dim = 1, heads * head_dim
     norms = [(d["nr"], d["nh"]) for d in (spill.get("rows", n) for n in range(total))]
     counts = [len(nr) for nr, _ in norms]
     keep = ~(

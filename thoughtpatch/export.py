@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .architectures import Architecture
 from .errors import UsageError
-from .patch import Patch
+from .patch import Patch, attn_matrix
 
 __all__ = [
     "TARGETS",
@@ -118,11 +118,6 @@ def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool
     return Patch(layers, patch.placement, patch.skip, dict(patch.meta)), warnings
 
 
-def _block_diag(w: Tensor, head_dim: int) -> Tensor:
-    """The per-head map as one (H*hd, H*hd) matrix."""
-    return torch.diag(w.repeat_interleave(head_dim)) if w.dim() == 1 else torch.block_diag(*w)
-
-
 def _compress(t: LoraTerm, k: int) -> LoraTerm:
     """The best rank-``k`` approximation of the term's delta, with its relative error."""
     if t.rank <= k:
@@ -154,7 +149,7 @@ def lora_terms(
         if lp.attn_weight is not None or const:
             w_o = weight(pre + arch.attn_out)
             full = lp.attn_weight is not None
-            a = _block_diag(lp.attn_weight.float(), head_dim) if full else torch.zeros(1, w_o.shape[1])
+            a = attn_matrix(lp.attn_weight.float(), head_dim) if full else torch.zeros(1, w_o.shape[1])
             b = w_o if full else torch.zeros(w_o.shape[0], 1)
             bias = None
             if const:  # o_proj(o + c) + v = W_o o + (W_o c + v)

@@ -2,9 +2,10 @@
 
 Tensors, per block ``l`` (0-based), each optional:
 
-* ``layers.l.attn.weight``: per-head map of the attention output minus identity, ``(H, hd, hd)`` (full)
-  or ``(H,)`` (a scalar per head); ``layers.l.attn.bias``: its constant part ``(H*hd,)``. Site: the input
-  of the attention output projection (``o_proj``); ``o <- o + weight o + bias`` per head.
+* ``layers.l.attn.weight``: map of the attention output minus identity, per head ``(H, hd, hd)`` (full) or
+  ``(H,)`` (a scalar per head), or across the heads ``(1, H*hd, H*hd)`` (cross); ``layers.l.attn.bias``: its
+  constant part ``(H*hd,)``. Site: the input of the attention output projection (``o_proj``);
+  ``o <- o + weight o + bias`` (per head, or over all heads' outputs at once).
 * ``layers.l.attn.query``: ``(H*hd, d)``, a correction of the head outputs read from the attention block's
   normalised input ``x`` (query-dependent; runs in memory, does not fold into the weights).
 * ``layers.l.attn.gate``: ``(H, d + 1)``, a query-dependent scale of each head's output,
@@ -51,6 +52,8 @@ __all__ = [
     "patch_from_bytes",
     "describe_patch",
     "validate_for",
+    "attn_form",
+    "attn_matrix",
 ]
 
 PATCH_FORMAT = "thoughtpatch.patch"
@@ -72,6 +75,20 @@ _PARTS = {
     "down_a": "down.A",
     "down_b": "down.B",
 }
+
+
+def attn_form(w: Tensor) -> str:
+    """The form of an attention map: ``scalar`` (one per head), ``full`` (per head) or ``cross`` (across heads;
+    with one head the two are the same map)."""
+    return "scalar" if w.ndim == 1 else "cross" if w.shape[0] == 1 else "full"
+
+
+def attn_matrix(w: Tensor, head_dim: int) -> Tensor:
+    """Any form of attention map as one ``(H*hd, H*hd)`` matrix on the concatenated head outputs (block-diagonal
+    unless it is a cross map); ``head_dim`` is needed for the scalar form only."""
+    import torch
+
+    return torch.diag(w.repeat_interleave(head_dim)) if w.ndim == 1 else torch.block_diag(*w)
 
 
 @dataclass
@@ -320,7 +337,12 @@ def validate_for(
             t = getattr(lp, name)
             if t is not None and tuple(t.shape) != shape:
                 raise UsageError(f"{what}: layer {i} {name} has shape {tuple(t.shape)}, the model needs {shape}")
-        if lp.attn_weight is not None and tuple(lp.attn_weight.shape) not in ((heads,), (heads, head_dim, head_dim)):
+        width = heads * head_dim
+        if lp.attn_weight is not None and tuple(lp.attn_weight.shape) not in (
+            (heads,),
+            (heads, head_dim, head_dim),
+            (1, width, width),
+        ):
             raise UsageError(f"{what}: layer {i} attn.weight has shape {tuple(lp.attn_weight.shape)}")
         kv = lp.kv_key
         if kv is not None and (kv.shape[2] != head_dim or kv.shape[0] != (kv_heads or kv.shape[0])):
@@ -356,7 +378,7 @@ def describe_patch(patch: Patch) -> dict:
             row["down_norm"] = float((lp.down_b @ lp.down_a.T).norm())
         if lp.attn_weight is not None:
             row["attn_weight_norm"] = float(lp.attn_weight.norm())
-            row["attn_form"] = "scalar" if lp.attn_weight.dim() == 1 else "full"
+            row["attn_form"] = attn_form(lp.attn_weight)
         if lp.attn_bias is not None:
             row["attn_bias_norm"] = float(lp.attn_bias.norm())
         if lp.attn_query is not None:

@@ -35,7 +35,7 @@ def lm(tiny_dir):
 
 def random_patch(lm, seed: int, attn: str = "full", rank: int = 3, placement: str = "skip", skip: int = 1) -> Patch:
     """Every part, float64, in this model's sizes and with its fingerprint."""
-    parts = {"attn" if attn == "full" else "scalar", "attn_bias", "vector", "matrix", "query", "gate", "down"}
+    parts = {{"full": "attn"}.get(attn, attn), "attn_bias", "vector", "matrix", "query", "gate", "down"}
     cfg = lm.model.config
     shape = (cfg.num_hidden_layers, cfg.hidden_size, *head_shape(lm.model))
     return tiny.random_patch(
@@ -62,7 +62,9 @@ def corrections(lm, patch: Patch, i: int, inputs: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("forms", [("full", "full"), ("scalar", "full"), ("scalar", "scalar")])
+@pytest.mark.parametrize(
+    "forms", [("full", "full"), ("scalar", "full"), ("scalar", "scalar"), ("cross", "full"), ("scalar", "cross")]
+)
 def test_merge_corrections_are_the_weighted_sum_per_site(lm, forms):
     a, b = random_patch(lm, 1, forms[0], rank=3), random_patch(lm, 2, forms[1], rank=2)
     wa, wb = 0.7, -1.3

@@ -70,8 +70,8 @@ IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
 
 
 def patches_for(family: str) -> list[Patch]:
-    """Two patches with every part the family bakes (the second with scalar head maps, the first with a down map
-    where the family has an MLP output projection)."""
+    """Three patches with every part the family bakes (the second with scalar head maps, the third with a map
+    across the heads, the first with a down map where the family has an MLP output projection)."""
     can = CAN[family]
     first = {"attn", "matrix"} | ({"attn_bias"} & can) | ({"down"} if family not in MOE else set())
     placement = "attn_out" if "attn_out" in can else "skip"
@@ -79,7 +79,11 @@ def patches_for(family: str) -> list[Patch]:
         first.add("vector")
     second = {"scalar", "matrix"} | ({"vector"} if "skip" in can else set())
     inner = mlp_width(AutoModelForCausalLM.from_config(tiny.config(family))) or 0
-    return [random_patch(first, placement, seed=1, meta=META, inner=inner), random_patch(second, seed=2, meta=META)]
+    return [
+        random_patch(first, placement, seed=1, meta=META, inner=inner),
+        random_patch(second, seed=2, meta=META),
+        random_patch({"cross"}, seed=3, meta=META),
+    ]
 
 
 def records(patches):
@@ -113,7 +117,7 @@ def test_baked_checkpoint_equals_in_memory(family, tiny_dir, tmp_path):
     assert (plain - want).abs().max() > 0.05 * scale  # the patches change the model
     assert (got - want).abs().max() <= 1e-4 * scale
     cfg = json.loads((out / "config.json").read_text())
-    assert [p["file"] for p in cfg["thoughtpatch"]["patches"]] == ["p0.safetensors", "p1.safetensors"]
+    assert [p["file"] for p in cfg["thoughtpatch"]["patches"]] == ["p0.safetensors", "p1.safetensors", "p2.safetensors"]
     assert base.state_dict().keys() <= AutoModelForCausalLM.from_pretrained(out).state_dict().keys()
 
 
@@ -212,7 +216,7 @@ def test_sharded_checkpoint_streams_and_is_deterministic(sharded, tmp_path, caps
     d, src = sharded
     before = tree(src)
     assert sum(name.endswith(".safetensors") for name in before) >= 4
-    args = ("apply", str(d / "p0.safetensors"), str(d / "p1.safetensors"), "--model", str(src), "--scale", "0.7")
+    args = ("apply", *(str(d / f"p{k}.safetensors") for k in range(3)), "--model", str(src), "--scale", "0.7")
     r1 = run_cli(*args, "--save", str(tmp_path / "a"), "--json", "-q")
     code, _, err = _main([*args, "--save", str(tmp_path / "b"), "-q"], capsys)  # the same command again
     assert r1.returncode == 0 and code == 0, r1.stderr.decode() + err

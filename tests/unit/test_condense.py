@@ -168,3 +168,54 @@ def test_chunk_size_changes_only_float_noise_and_leaves_no_files(tiny_dir, tmp_p
     with pytest.raises(KeyboardInterrupt):
         condense(lm.model, pairs, replace(cfg, batch_size=2), progress=stop)
     assert list(tmp_path.glob("thoughtpatch-*")) == []
+
+
+def test_cross_head_map_recovers_what_mixes_heads():
+    """``attn="cross"``: one map over all heads' outputs (rows as one group as wide as them all) recovers a map
+    that mixes heads exactly; the per-head map cannot."""
+    g = torch.Generator().manual_seed(0)
+    o0 = torch.randn(400, 2, 4, generator=g, dtype=torch.float64)
+    mix, bias = torch.randn(8, 8, generator=g, dtype=torch.float64) * 0.3, torch.randn(8, generator=g)
+    oc = o0 + (o0.flatten(1) @ mix.T + bias).view(-1, 2, 4)
+    wide = fit_attention(lambda: [(o0.view(-1, 1, 8), oc.view(-1, 1, 8), None)], CondenseConfig(attn="cross"), 0.0)
+    assert wide["attn_weight"].shape == (1, 8, 8)
+    assert torch.allclose(wide["attn_weight"][0].double(), mix, atol=1e-5)
+    assert torch.allclose(wide["attn_bias"].double(), bias.double(), atol=1e-5)
+    per_head = fit_attention(lambda: [(o0, oc, None)], CondenseConfig(attn="full"), 0.0)
+    assert (_predict_attention(per_head, o0, None) - oc).abs().max() > 0.1
+
+
+def test_cross_head_patch_from_the_cli_bakes_exactly(tiny_dir, tmp_path):
+    """``transmute --bakeable --attn cross`` stores ``(1, H*hd, H*hd)`` maps, ``inspect`` names the form, and the
+    baked checkpoint gives the in-memory logits; the per-head gate of ``best`` refuses it (exit 2)."""
+    import json
+
+    from conftest import run_cli
+    from transformers import AutoModelForCausalLM
+
+    from thoughtpatch.apply import head_shape, installed
+    from thoughtpatch.patch import patch_from_bytes
+
+    model = tiny_dir("llama")
+    (tmp_path / "p.txt").write_text("You are a pirate. Speak like a pirate.\n")
+    args = ("transmute", str(tmp_path / "p.txt"), "--model", str(model), "--answer-tokens", "2", "-q")
+    r = run_cli(
+        *args, "--bakeable", "--attn", "cross", "--similar", "0", "--down-rank", "2", "-o", str(tmp_path / "c.st")
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    patch = patch_from_bytes((tmp_path / "c.st").read_bytes())
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    width = head_shape(base)[0] * head_shape(base)[1]
+    assert all(lp.attn_weight.shape == (1, width, width) for lp in patch.layers.values())
+    layers = json.loads(run_cli("inspect", str(tmp_path / "c.st"), "--json").stdout)["layers"]
+    assert {row["attn_form"] for row in layers} == {"cross"}
+    r = run_cli("apply", str(tmp_path / "c.st"), "--model", str(model), "--save", str(tmp_path / "baked"), "-q")
+    assert r.returncode == 0, r.stderr.decode()
+    ids = torch.tensor([[5, 17, 33, 101, 7, 250, 64, 3]])
+    with torch.no_grad(), installed(base, patch):
+        want = base(input_ids=ids).logits
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "baked").eval()(input_ids=ids).logits.detach()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    r = run_cli(*args, "--attn", "cross", "-o", str(tmp_path / "bad.st"))
+    assert r.returncode == 2 and b"gate" in r.stderr and r.stderr.decode().count("\n") == 1
+    assert not (tmp_path / "bad.st").exists()

@@ -67,6 +67,7 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
     "llama-bias-full": ("bias", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),
     "llama-bias-attn_out": ("bias", {"scalar", "attn_bias", "vector", "matrix"}, "attn_out", True),
     "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),  # down on a Conv1D
+    "llama-bias-cross": ("bias", {"cross", "attn_bias", "vector", "down"}, "skip", True),  # a map across the heads
     "gemma2": ("gemma2", {"attn", "attn_bias", "matrix"}, "skip", False),  # no o_proj bias to merge into
     "phi3": ("phi3", {"attn", "matrix"}, "skip", True),  # no biases needed
     # vectors on branches that residual_multiplier scales
