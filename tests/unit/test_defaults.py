@@ -23,9 +23,10 @@ HELD = ["the quick dog", "a lazy cat 5", "tell me a story please", "1 2 3 4 5"]
 # mode -> (numbers in the patch, held-out KL of the patch) on the pico Llama below, float64
 RECORDED = {
     "best": (4980, 5.323051937011769e-06),  # merged slots (was 2.106101851495623e-05 with the heaviest tokens)
-    # down map, its ridge by cross-validation (was 7.165034276113147e-05 with a fixed 0.3; (7104,
-    # 0.00015525489652645774) before the down map); the model-written queries belong to transmute, not condense
-    "bakeable": (10176, 6.623953959206119e-05),
+    # the attention map across the heads (was (10176, 6.623953959206119e-05) per head), the down map with its ridge
+    # by cross-validation (7.165034276113147e-05 with a fixed 0.3; (7104, 0.00015525489652645774) before the down
+    # map); the model-written queries belong to transmute, not condense
+    "bakeable": (12480, 6.16867823737266e-05),
     "compact": (216, 5.859871362190461e-05),  # kv_select="merge" (was 9.874524766928516e-05 with "mass")
 }
 
