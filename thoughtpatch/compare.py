@@ -67,12 +67,6 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm()) / scale if scale else 0.0
 
 
-def _attn(lp: LayerPatch | None, width: int, head_dim: int) -> Tensor:
-    """The block's attention map as one matrix on the concatenated head outputs (zero where it has none)."""
-    w = None if lp is None else lp.attn_weight
-    return torch.zeros(width, width, dtype=torch.float64) if w is None else attn_matrix(w.double(), head_dim)
-
-
 def diff_patches(a: Patch, b: Patch) -> dict:
     """Patch ``a`` against patch ``b``, block by block (parts either lacks count as zero)."""
     rows = []
@@ -102,9 +96,9 @@ def diff_patches(a: Patch, b: Patch) -> dict:
             row |= {"down_norm_a": float(ga.norm()), "down_norm_b": float(gb.norm()), "down_rel_diff": _rel(ga, gb)}
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
         if wa is not None or wb is not None:
-            head_dim = _head_dim(wa, wb)
-            width = max(w.shape[0] * (w.shape[-1] if w.dim() == 3 else head_dim) for w in (wa, wb) if w is not None)
-            fa, fb = _attn(la, width, head_dim), _attn(lb, width, head_dim)
+            # each as one matrix on the concatenated head outputs; zero where a patch has none
+            fa, fb = (None if w is None else attn_matrix(w.double(), _head_dim(wa, wb)) for w in (wa, wb))
+            fa, fb = (f if f is not None else torch.zeros_like(fa if fa is not None else fb) for f in (fa, fb))
             row |= {"attn_norm_a": float(fa.norm()), "attn_norm_b": float(fb.norm()), "attn_rel_diff": _rel(fa, fb)}
         rows.append(row)
     return {"kind": "patch_vs_patch", "parameters": [a.numel(), b.numel()], "layers": rows}

@@ -25,8 +25,9 @@ PRESETS: dict[str, CondenseConfig] = {
     # Folds into standard weights: no query-dependent part, every position patched (skip=0): the attention map
     # (per head until session 8, across the heads since), the thought vector and a rank-128 down map (the block
     # output's remaining error read from the MLP's hidden activations; it bakes into the MLP output projection).
-    # SmolLM2, 8 tasks (KL / top-1 / exact): 0.180 / 0.817 / 0.396 -> 0.112 / 0.858 / 0.458 over the map + vector + full-rank thought matrix it replaces, at 9.3M
-    # numbers instead of 21M (the full-rank matrix kept as well: 0.102 / 0.860 / 0.464 at 29M).
+    # SmolLM2, 8 tasks (KL / top-1 / exact): 0.180 / 0.817 / 0.396 -> 0.112 / 0.858 / 0.458 over the map + vector
+    # + full-rank thought matrix it replaces, at 9.3M numbers instead of 21M (the full-rank matrix kept as well:
+    # 0.102 / 0.860 / 0.464 at 29M).
     # Session 7: the down map's ridge chosen per block by cross-validation over the probes (SmolLM2 picks 0.1 on
     # fewshot_arith, 1-3 on fewshot_antonym), and 96 model-written queries added to the probes (SIMILAR_QUERIES):
     # 8 tasks 0.112 / 0.858 / 0.458 -> 0.066 / 0.892 / 0.505. Session 8: the attention map across the heads

@@ -119,11 +119,7 @@ def run_extract(
     batch by batch and are not kept: memory holds one batch of them whatever the number of probes; without,
     they come back in the result.
     """
-    t = time.perf_counter()
-    more = similar_queries(lm, queries, similar, prompt.as_text()) if similar else []
-    seconds = {"similar": time.perf_counter() - t} if similar else {}
-    if more:
-        log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
+    more, seconds = _write_similar(lm, queries, similar, prompt, log)
     t = time.perf_counter()
     pairs = align(lm.tokenizer, prompt, queries + more, chat)
     check_context(lm, pairs, answer_tokens)
@@ -238,6 +234,18 @@ def similar_queries(
     return out
 
 
+def _write_similar(lm: LoadedModel, queries: list[str], n: int, prompt: Prompt, log) -> tuple[list[str], dict]:
+    """``n`` written queries (:func:`similar_queries`, the prompt as context), logged, with the seconds it took
+    (``{}`` when none are asked for)."""
+    if not n:
+        return [], {}
+    t = time.perf_counter()
+    more = similar_queries(lm, queries, n, prompt.as_text())
+    if more:
+        log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
+    return more, {"similar": time.perf_counter() - t}
+
+
 def _similar_meta(more: list[str]) -> dict[str, str]:
     """What the metadata records of the written queries (their text only by hash, like the probes)."""
     return {"probes_similar": str(len(more)), "probes_similar_sha256": sha256_text("\n".join(more))} if more else {}
@@ -263,10 +271,8 @@ def run_transmute(
     from .condense import condense
 
     t0 = time.perf_counter()
-    more = similar_queries(lm, queries, similar, prompt.as_text()) if similar else []
-    t_similar = time.perf_counter() - t0
-    if more:
-        log(f"{len(more)} similar queries written, e.g. {more[0]!r}")
+    more, seconds = _write_similar(lm, queries, similar, prompt, log)
+    t_similar = seconds.get("similar", 0.0)
     pairs = fit_pairs(lm, prompt, queries + more, answer_tokens, chat, cfg.batch_size)
     t1 = time.perf_counter()
     log(
@@ -276,13 +282,14 @@ def run_transmute(
     t2 = time.perf_counter()
     meta = provenance(lm, prompt, queries, store_prompt) | {"answer_tokens": str(answer_tokens)} | _similar_meta(more)
     _patch_meta(patch, lm, meta, sum(len(q) for q in pairs.queries), t2 - t0)
-    seconds = {"similar": t_similar} if similar else {}
     return patch, seconds | {"answers": t1 - t0 - t_similar, "condense": t2 - t1, "total": t2 - t0}
 
 
 # What a patch condensed from an updates file carries over from that file's metadata.
-_CARRIED = ("prompt_sha256", "prompt", "probes_sha256", "probes_similar", "probes_similar_sha256", "answer_tokens")
-_CARRIED += ("compute_dtype", "tokenizer_sha256")
+_CARRIED = (
+    *("prompt_sha256", "prompt", "probes_sha256", "probes_similar", "probes_similar_sha256"),
+    *("answer_tokens", "compute_dtype", "tokenizer_sha256"),
+)
 
 
 def run_condense(lm: LoadedModel, updates: Updates | TokenPairs, umeta: dict[str, str], cfg, progress=None):
