@@ -306,7 +306,7 @@ def cv_ridge(folds: tuple[MatrixStats, MatrixStats], grid: tuple[float, ...]) ->
     ``K = V^T S' V`` (primes: the held-out fold)."""
     if not all(f.n for f in folds):
         return None
-    err = torch.zeros(len(grid), dtype=torch.float64)
+    err = [0.0] * len(grid)
     for fit, held in (folds, folds[::-1]):
         w, v = torch.linalg.eigh(fit.s_aa)
         w = w.clamp(min=0)  # rounding can leave tiny negative eigenvalues
@@ -315,8 +315,8 @@ def cv_ridge(folds: tuple[MatrixStats, MatrixStats], grid: tuple[float, ...]) ->
         scale = float(w.sum()) / len(w)  # relative ridge: the mean feature energy, as MatrixStats.matrix
         for j, r in enumerate(grid):
             d = 1 / (w + r * scale)
-            err[j] += d @ quad @ d - 2 * d @ lin
-    return grid[int(err.argmin())]
+            err[j] += float(d @ quad @ d - 2 * d @ lin)
+    return grid[min(range(len(grid)), key=err.__getitem__)]
 
 
 def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:

@@ -32,10 +32,12 @@ FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _flat(patch) -> dict[str, torch.Tensor]:
-    """Every tensor of the patch by name, the thought matrix as the product of its factors (which an SVD
-    defines only up to the signs, or the rotation, of its singular vectors)."""
-    out = {f"{i}.{k}": t for i, lp in patch.layers.items() for k, t in lp.tensors().items() if "matrix" not in k}
-    return out | {f"{i}.matrix": lp.matrix() for i, lp in patch.layers.items() if lp.matrix_a is not None}
+    """Every tensor of the patch by name, the thought matrix and the down map as the products of their factors
+    (which an SVD defines only up to the signs, or the rotation, of its singular vectors)."""
+    layers = patch.layers.items()
+    out = {f"{i}.{k}": t for i, lp in layers for k, t in lp.tensors().items() if not k.startswith(("matrix", "down"))}
+    out |= {f"{i}.down": lp.down_b @ lp.down_a.T for i, lp in layers if lp.down_a is not None}
+    return out | {f"{i}.matrix": lp.matrix() for i, lp in layers if lp.matrix_a is not None}
 
 
 def _models(folder):
@@ -69,7 +71,7 @@ def test_every_preset_condenses_and_scores_the_same_on_cuda(tiny_dir, family):
             tol = {"rtol": 1e-6, "atol": 1e-8} if family == "gpt2" else {"rtol": 1e-3, "atol": 1e-5}
             torch.testing.assert_close(b[k], a[k], **tol, msg=f"{mode} {k}")
     for method, s in cpu_scores.items():
-        assert gpu_scores[method]["kl"] == pytest.approx(s["kl"], rel=1e-6 if family == "gpt2" else 1e-2, abs=1e-9)
+        assert gpu_scores[method]["kl"] == pytest.approx(s["kl"], rel=1e-6 if family == "gpt2" else 1e-2, abs=1e-6)
         if family == "gpt2":
             assert gpu_scores[method]["top1"] == s["top1"] and gpu_scores[method]["exact"] == s["exact"], method
 
