@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import struct
 import sys
@@ -387,16 +388,33 @@ def new_folder(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
 class Spill:
-    """Per-chunk tensors kept on disk between uses, in a temporary folder (``thoughtpatch-*`` in the system
-    temp dir) removed when the ``with`` block ends, also on errors and interrupts. Read back with plain reads,
-    never mapped, so memory holds only what is in use, whatever the number of probes."""
+    """Per-chunk tensors kept on disk between uses, in a temporary folder (``thoughtpatch-HOST-PID-*`` in the
+    system temp dir) removed when the ``with`` block ends, also on errors and interrupts. Read back with plain
+    reads, never mapped, so memory holds only what is in use, whatever the number of probes. A process killed
+    outright (SIGKILL, out of memory) cannot clean up: the next spill on the same host removes the folders of
+    processes no longer running."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def __enter__(self) -> Spill:
-        self._tmp = tempfile.TemporaryDirectory(prefix="thoughtpatch-")
+        prefix = f"thoughtpatch-{platform.node()}-"
+        for old in Path(tempfile.gettempdir()).glob(prefix + "*") if os.name == "posix" else []:
+            pid = old.name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
         self.folder = Path(self._tmp.name)
         return self
 

@@ -223,3 +223,26 @@ def test_padding_beyond_a_sliding_window_stays_finite(tiny_dir):
     assert check(lm.model, updates, batch_size=2) < 1e-5
     patch = condense(lm.model, pairs, CondenseConfig(batch_size=2))
     assert all(bool(t.isfinite().all()) for lp in patch.layers.values() for t in lp.tensors().values())
+
+
+def test_spill_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
+    """A process killed outright leaves its spill folder; the next spill on the host removes it, and only it."""
+    import platform
+    import tempfile
+
+    from thoughtpatch.files import Spill
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = platform.node()
+    left = [tmp_path / f"thoughtpatch-{host}-{dead.pid}-abc", tmp_path / f"thoughtpatch-{host}-{os.getpid()}-live"]
+    left.append(tmp_path / f"thoughtpatch-elsewhere-{dead.pid}-other")  # another host's: not ours to judge
+    for folder in left:
+        folder.mkdir()
+        (folder / "rows-0").write_bytes(b"x")
+    with Spill(torch.device("cpu")) as spill:
+        spill.put("rows", 0, {"a": torch.ones(2)})
+        assert torch.equal(spill.get("rows", 0)["a"], torch.ones(2))
+        assert spill.folder.name.startswith(f"thoughtpatch-{host}-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in left[1:])
