@@ -115,8 +115,8 @@ KvMax = Annotated[int | None, typer.Option(help="At most this many virtual key/v
 KvBudget = Annotated[
     float | None,
     typer.Option(
-        help="All slots together take at most this share of the model's parameters (e.g. 0.0008), the same "
-        "number in every block."
+        help="All slots together take at most this share of the model's parameters (e.g. 0.000865), shared "
+        "out evenly over the blocks (the remainder one more in some)."
     ),
 ]
 Similar = Annotated[

@@ -584,15 +584,17 @@ def condense(
         return _sequential(model, pairs, cfg, progress).to("cpu")
 
 
-def _n_slots(cfg: CondenseConfig, model: nn.Module, n: int, prompt_kv: list, blocks: int) -> int:
-    """Slots per block: the configured share of the prompted prefix, at least one, at most ``kv_max``, and at most
-    what ``kv_budget`` (a share of the model's parameters) leaves each of the patched ``blocks``."""
+def _n_slots(cfg: CondenseConfig, model: nn.Module, n: int, prompt_kv: list, blocks: list[int]) -> dict[int, int]:
+    """Slots per patched block: the configured share of the prompted prefix, at least one, at most ``kv_max``,
+    and at most what ``kv_budget`` (a share of the model's parameters) pays for, spread over the ``blocks``: the
+    slots it buys are shared out evenly, the remainder one more to blocks spaced evenly among them."""
     kvh, _, hd = prompt_kv[0][0].shape
     m = min(max(1, round(cfg.kv * n)), cfg.kv_max or n)
-    if cfg.kv_budget:
-        per_block = int(cfg.kv_budget * sum(p.numel() for p in model.parameters())) // blocks
-        m = min(m, max(1, per_block // (kvh * (2 * hd + 2))))  # key, value, bias, position per key/value head
-    return m
+    if not cfg.kv_budget:
+        return dict.fromkeys(blocks, m)
+    k = len(blocks)  # key, value, bias, position per key/value head and slot:
+    bought = int(cfg.kv_budget * sum(p.numel() for p in model.parameters())) // (kvh * (2 * hd + 2))
+    return {b: min(m, max(1, bought * (j + 1) // k - bought * j // k)) for j, b in enumerate(sorted(blocks))}
 
 
 def _prompt_kv(model: nn.Module, pairs: TokenPairs) -> list[tuple[Tensor, Tensor, int]]:
@@ -613,7 +615,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     prompt_kv = _prompt_kv(model, pairs) if cfg.kv else None
     skip = _skip(cfg, pairs)
     fit_layers = set(range(len(blks)) if cfg.layers is None else cfg.layers)
-    n_slots = _n_slots(cfg, model, len(pairs.prefix_prompted), prompt_kv, len(fit_layers)) if prompt_kv else 0
+    n_slots = _n_slots(cfg, model, len(pairs.prefix_prompted), prompt_kv, fit_layers) if prompt_kv else {}
     patch = Patch({}, cfg.placement, skip)
     pos = Positions(skip)
     energies: list[float] = []
@@ -626,7 +628,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
             fit = i in fit_layers
             slots = None
             if fit and prompt_kv is not None:
-                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots, cfg)
+                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots[i], cfg)
             own = layer_hook_specs(model, Patch({i: slots}, cfg.placement, skip), pos) if slots else []
             for ch in chunks:
                 rows = _step_prompted(blk, ch, spill)

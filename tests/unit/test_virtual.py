@@ -82,8 +82,9 @@ def test_compressed_slots_round_trip_and_help(tiny_dir):
     per_slot = 2 * (2 * 8 + 2)  # key, value, bias, position per key/value head
     n_params = sum(p.numel() for p in lm.model.parameters())
     budget = CondenseConfig(kv=1.0, kv_budget=7.5 * per_slot / n_params, attn="none", vector=False, matrix=False)
-    spread = condense(lm.model, fit, budget)  # 7 slots' worth over 3 blocks: 2 each
-    assert {lp.kv_key.shape[1] for lp in spread.layers.values()} == {2} and spread.meta["method.kv_budget"]
+    spread = condense(lm.model, fit, budget)  # 7 slots' worth over 3 blocks: 2, 2 and the remainder's one more
+    assert [spread.layers[i].kv_key.shape[1] for i in sorted(spread.layers)] == [2, 2, 3]
+    assert spread.meta["method.kv_budget"]
     assert spread.numel() <= budget.kv_budget * n_params
     patch = condense(lm.model, fit, CondenseConfig(kv=0.25, attn="none", vector=False, matrix=False))
     slots = max(1, round(0.25 * len(fit.prefix_prompted)))
