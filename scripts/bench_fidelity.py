@@ -155,10 +155,9 @@ def _score_baked(lm, patch, held) -> dict:
     from transformers import AutoModelForCausalLM
 
     from thoughtpatch.bake import bake_checkpoint, patch_record
-    from thoughtpatch.models import WHEEL_MODELS, wheel_model_dir
+    from thoughtpatch.models import model_folder
 
-    packaged = lm.model_id in WHEEL_MODELS and not Path(lm.model_id).is_dir()  # a packaged model named, not a folder
-    folder = wheel_model_dir(lm.model_id) if packaged else Path(lm.model_id)
+    folder = model_folder(lm.model_id)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "baked"
         bake_checkpoint(folder, dst, [patch], [patch_record(patch, "patch", "", 1.0)])

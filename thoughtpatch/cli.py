@@ -662,11 +662,11 @@ def _bake(files: list[str], read: list, base: str | None, save: str, scale: floa
     from pathlib import Path
 
     from .bake import bake_checkpoint, config_view, patch_record
-    from .models import DEFAULT_MODEL, default_model_dir, resolve_device
+    from .models import model_folder, resolve_device
     from .schema import check_fingerprint
 
-    with spinner("preparing the default model"):
-        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    with spinner("preparing the model"):
+        folder = model_folder(base, log)
     config = config_view(folder)
     records, patches = [], []
     for f, (p, sha) in zip(files, read, strict=True):
@@ -718,18 +718,17 @@ def export(
     debug: Debug = False,
 ) -> None:
     """Export a bakeable patch as a PEFT LoRA adapter or as llama.cpp GGUF files (needs the base weights)."""
-    from pathlib import Path
 
     from .bake import config_view
     from .export import export_patch
     from .formats import check_fingerprint
-    from .models import DEFAULT_MODEL, default_model_dir
+    from .models import model_folder
 
     _setup(quiet)
     patch = _read_patch(patch_file)
     base = model or patch.meta.get("base_model")
-    with spinner("preparing the default model"):
-        folder = default_model_dir(log) if base in (None, "", "default", DEFAULT_MODEL) else Path(base)
+    with spinner("preparing the model"):
+        folder = model_folder(base, log)
     check_fingerprint(patch.meta, config_view(folder), f"patch {patch_file}")
     if scale != 1.0:
         patch = patch.scaled(scale)

@@ -34,6 +34,7 @@ __all__ = [
     "LoadedModel",
     "cache_dir",
     "default_model_dir",
+    "model_folder",
     "wheel_model_dir",
     "load_model",
     "parse_max_memory",
@@ -215,6 +216,13 @@ def default_model_dir(log=None) -> Path:
     return wheel_model_dir(DEFAULT_MODEL, log)
 
 
+def model_folder(model: str | None, log=None) -> Path:
+    """The folder ``--model`` names: a packaged model's (:data:`WHEEL_MODELS`, converted on first use; the default
+    one for ``None``, ``""`` or ``"default"``) unless a folder of that name exists, else the path itself."""
+    named = model in (None, "", "default") or (model in WHEEL_MODELS and not Path(model).is_dir())
+    return wheel_model_dir(model if model in WHEEL_MODELS else DEFAULT_MODEL, log) if named else Path(model)
+
+
 def model_revision(folder: Path) -> str | None:
     """A content revision for a local folder: sha256 of its config and weight index/headers."""
     h = hashlib.sha256()
@@ -255,8 +263,7 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
-    named = model in (None, "", "default") or (model in WHEEL_MODELS and not Path(model).is_dir())
-    folder = wheel_model_dir(model if model in WHEEL_MODELS else DEFAULT_MODEL, log) if named else Path(model)
+    folder = model_folder(model, log)
     if not folder.is_dir():
         raise UsageError(f"--model {model}: not a folder (pass a local Hugging Face model folder)")
     if not (folder / "config.json").is_file():
@@ -298,5 +305,6 @@ def load_model(
     exact_attention(net)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model_id = (model if model in WHEEL_MODELS else DEFAULT_MODEL) if named else str(folder.resolve())
+    packaged = folder != Path(model or ".")  # a packaged model's converted folder, not the path given
+    model_id = folder.name if packaged else str(folder.resolve())
     return LoadedModel(net, tok, model_id, model_revision(folder))

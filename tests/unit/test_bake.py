@@ -391,3 +391,18 @@ def test_baking_on_the_cpu_does_not_import_torch(sharded, tmp_path):
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.decode().splitlines() if "|" in line}
     assert r.returncode == 0 and (tmp_path / "o2" / "config.json").is_file(), r.stderr.decode()[-500:]
     assert "numpy" in imported and not {"torch", "transformers"} & imported
+
+
+def test_a_packaged_model_name_means_its_converted_folder(tmp_path, monkeypatch):
+    """``--model NAME`` of a packaged model is its converted folder wherever a command reads the base model
+    (``load_model``, ``apply --save``, ``export``: all through ``models.model_folder``), unless a folder of that
+    name exists; a patch records the name as its base model, so baking it needs no ``--model``."""
+    import thoughtpatch.models as models
+
+    monkeypatch.setattr(models, "wheel_model_dir", lambda name, log=None: tmp_path / "cache" / name)
+    assert models.model_folder("gemma-3-270m") == tmp_path / "cache" / "gemma-3-270m"
+    assert models.model_folder(None) == models.model_folder("default") == tmp_path / "cache" / models.DEFAULT_MODEL
+    assert models.model_folder(str(tmp_path / "mine")) == tmp_path / "mine"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma-3-270m").mkdir()
+    assert models.model_folder("gemma-3-270m") == Path("gemma-3-270m")
