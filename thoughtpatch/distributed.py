@@ -8,6 +8,7 @@ order of additions changes the last bits.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable, Iterator
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
-__all__ = ["init", "world", "is_main", "shard", "gather_each", "share"]
+__all__ = ["init", "close", "world", "is_main", "shard", "gather_each", "share"]
 
 
 def init(cuda: bool = False) -> None:
@@ -28,6 +29,14 @@ def init(cuda: bool = False) -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+    atexit.register(close)
+
+
+def close() -> None:
+    """Leave the process group while the interpreter is still whole: a gloo group left for interpreter
+    teardown can abort the process (``terminate called without an active exception``) after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
