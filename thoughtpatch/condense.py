@@ -84,6 +84,7 @@ class CondenseConfig:
     down_rank: int | None = None  # its rank (None: full)
     down_ridge_grid: tuple[float, ...] | None = None  # pick down_ridge per block by 2-fold CV over queries
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
+    answer_weight: float = 1.0  # weight of the rows that predict answer tokens (the others weigh 1)
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -106,6 +107,8 @@ class CondenseConfig:
             raise UsageError(f"--kv-max must be a positive number of slots, not {self.kv_max}")
         if self.kv_budget is not None and not 0 < self.kv_budget < 1:
             raise UsageError(f"--kv-budget must be a share of the model's parameters in (0, 1), not {self.kv_budget}")
+        if not self.answer_weight > 0:
+            raise UsageError(f"--answer-weight must be > 0, not {self.answer_weight}")
         if self.kv_select not in SELECT:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.bakeable and self.kv:
@@ -146,6 +149,8 @@ class CondenseConfig:
             "strength": repr(self.strength),
             "sink_factor": repr(self.sink_factor),
         }
+        if self.answer_weight != 1:
+            out["answer_weight"] = repr(self.answer_weight)
         return out | self._kv() | self._down()
 
     def _down(self) -> dict[str, str]:
@@ -205,31 +210,38 @@ class Affine:
     sxx: Tensor | None = None
     srx: Tensor | None = None
 
-    def add(self, x: Tensor, y: Tensor, shared: Tensor | None = None) -> Affine:
+    def add(self, x: Tensor, y: Tensor, shared: Tensor | None = None, w: Tensor | None = None) -> Affine:
         """Rows ``x`` (N, ..., p) and targets ``y`` (N, ..., q); the residual ``y - x[:q]`` is fitted.
 
         ``shared`` (N, s): extra features common to every leading index (heads), appended to ``x``; their
-        Gram block is computed once instead of once per head.
+        Gram block is computed once instead of once per head. ``w`` (N,): row weights (None: all 1).
         """
         x, y = x.double(), y.double()
         r = y - x[..., : y.shape[-1]]
-        xt, rt = x.movedim(0, -2), r.movedim(0, -2)  # (..., N, p): one batched matmul per leading index
-        parts = (x.sum(0), r.sum(0), xt.transpose(-1, -2) @ xt, rt.transpose(-1, -2) @ xt)
+        if w is None:
+            xw, rw, n = x, r, x.shape[0]
+        else:
+            w = w.double().to(x.device).view(-1, *[1] * (x.dim() - 1))
+            xw, rw, n = x * w, r * w, float(w.sum())
+        xt = x.movedim(0, -2)  # (..., N, p): one batched matmul per leading index
+        xwt, rwt = xw.movedim(0, -2), rw.movedim(0, -2)
+        parts = (xw.sum(0), rw.sum(0), xwt.transpose(-1, -2) @ xt, rwt.transpose(-1, -2) @ xt)
         if shared is not None:
             sh = shared.double()
+            shw = sh if w is None else sh * w.view(-1, 1)
             lead = x.shape[1:-1]
-            xs = xt.transpose(-1, -2) @ sh  # (..., p, s)
-            ss = (sh.T @ sh).expand(*lead, sh.shape[1], sh.shape[1])
+            xs = xwt.transpose(-1, -2) @ sh  # (..., p, s)
+            ss = (shw.T @ sh).expand(*lead, sh.shape[1], sh.shape[1])
             sxx = torch.cat([torch.cat([parts[2], xs], -1), torch.cat([xs.transpose(-1, -2), ss], -1)], -2)
-            sx = torch.cat([parts[0], sh.sum(0).expand(*lead, sh.shape[1])], -1)
-            parts = (sx, parts[1], sxx, torch.cat([parts[3], rt.transpose(-1, -2) @ sh], -1))
+            sx = torch.cat([parts[0], shw.sum(0).expand(*lead, sh.shape[1])], -1)
+            parts = (sx, parts[1], sxx, torch.cat([parts[3], rwt.transpose(-1, -2) @ sh], -1))
         if self.sx is None:
             self.sx, self.sr, self.sxx, self.srx = parts
         else:
             self.sx, self.sr, self.sxx, self.srx = (
                 a + b for a, b in zip((self.sx, self.sr, self.sxx, self.srx), parts, strict=True)
             )
-        self.n += x.shape[0]
+        self.n += n
         return self
 
     def __add__(self, other: Affine) -> Affine:
@@ -267,15 +279,19 @@ class MatrixStats:
     s_aa: Tensor | None = None
     s_ua: Tensor | None = None
 
-    def add(self, delta: Tensor | None, a: Tensor | None, u: Tensor | None) -> MatrixStats:
+    def add(self, delta: Tensor | None, a: Tensor | None, u: Tensor | None, w: Tensor | None = None) -> MatrixStats:
+        """Rows of the block output's change ``delta``, the MLP input ``a`` and its change ``u``; ``w`` (N,):
+        row weights (None: all 1)."""
+        first = delta if delta is not None else a
+        wd = 1 if w is None else w.double().to(first.device)[:, None]
         parts = [
-            None if delta is None else delta.double().sum(0),
-            None if a is None else a.double().T @ a.double(),
-            None if a is None else u.double().T @ a.double(),
+            None if delta is None else (delta.double() * wd).sum(0),
+            None if a is None else (a.double() * wd).T @ a.double(),
+            None if a is None else (u.double() * wd).T @ a.double(),
         ]
         olds = (self.s_delta, self.s_aa, self.s_ua)
         self.s_delta, self.s_aa, self.s_ua = (p if o is None else o + p for o, p in zip(olds, parts, strict=True))
-        self.n += (delta if delta is not None else a).shape[0]
+        self.n += first.shape[0] if w is None else float(w.sum())
         return self
 
     def __add__(self, other: MatrixStats) -> MatrixStats:
@@ -335,14 +351,16 @@ def truncate(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float]:
     return u[:, :k] * (s[:k] * sign), (a * sign).contiguous(), kept
 
 
-Rows = Callable[[], Iterable[tuple[Tensor, Tensor, Tensor | None]]]  # a fresh pass over (o0, oc, x) row blocks
+Rows = Callable[[], Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]]  # fresh passes: (o0, oc, x, w)
 
 
-def gate_stats(r: Tensor, o: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Additive normal equations ``(S, c)`` of :func:`fit_gate` for one block of rows."""
+def gate_stats(r: Tensor, o: Tensor, x: Tensor, rw: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Additive normal equations ``(S, c)`` of :func:`fit_gate` for one block of rows (``rw``: row weights)."""
     dtype = torch.promote_types(o.dtype, torch.float32)  # float32 products for float32 models (half the time)
     f = torch.cat([torch.ones_like(x[:, :1]), x], -1).to(dtype)  # (N, d+1)
     w = (o.to(dtype) ** 2).sum(-1).T  # (H, N)
+    if rw is not None:
+        w, r = w * rw.to(w), r * rw.to(r).view(-1, *[1] * (r.dim() - 1))
     s = sum(  # (H, d+1, d+1): products over row blocks (bounded memory), summed in float64
         ((f[k : k + 4096].T[None] * w[:, None, k : k + 4096]) @ f[k : k + 4096]).double()
         for k in range(0, len(f), 4096)
@@ -379,20 +397,21 @@ def fit_attention(rows: Rows, cfg: CondenseConfig, ridge: float, rounds: int = 2
     gate = None
     for _ in range(rounds if cfg.attn_gate else 1):
         aff = Affine()
-        for o0, oc, x in rows():
-            aff.add(o0, oc if gate is None else oc.double() - _gate_scale(gate, o0, x), x if cfg.attn_query else None)
+        for o0, oc, x, rw in rows():
+            target = oc if gate is None else oc.double() - _gate_scale(gate, o0, x)
+            aff.add(o0, target, x if cfg.attn_query else None, rw)
         w, b = aff.fit(ridge, scalar=scalar, intercept=cfg.attn_bias, where=where)
         heads, head_dim = aff.sr.shape
         if not cfg.attn_gate:
             break
         s = c = 0
-        for o0, oc, x in rows():
+        for o0, oc, x, rw in rows():
             linear = o0.double() * w[..., None] if scalar else per_head(o0.double(), w[..., :head_dim])
             if cfg.attn_query:
                 linear = linear + (x.double() @ w[..., head_dim:].reshape(heads * head_dim, -1).T).view(
                     -1, heads, head_dim
                 )
-            si, ci = gate_stats(oc.double() - o0.double() - linear - b, o0, x)
+            si, ci = gate_stats(oc.double() - o0.double() - linear - b, o0, x, rw)
             s, c = s + si, c + ci
         gate = fit_gate(s, c, ridge)
     out: dict[str, Tensor] = {}
@@ -428,8 +447,9 @@ def _cv_error(fold: Callable[[bool], Rows], cfg: CondenseConfig, ridge: float) -
     total = 0.0
     for side in (True, False):
         parts = fit_attention(fold(side), cfg, ridge)
-        for o0, oc, x in fold(not side)():
-            total += float(((oc.double() - _predict_attention(parts, o0, x)) ** 2).sum())
+        for o0, oc, x, rw in fold(not side)():
+            err = ((oc.double() - _predict_attention(parts, o0, x)) ** 2).flatten(1).sum(1)
+            total += float(err.sum() if rw is None else err @ rw.double())
     return total
 
 
@@ -508,6 +528,13 @@ class _Chunk:
     query: Tensor  # (B, T) bool: query positions of the prompt-free run
     active: Tensor  # (B, T) bool: positions the patch acts on
     padding: Tensor  # (B, T, 1) bool: padded positions, kept at zero between blocks
+    answer: Tensor  # (B, T) bool: positions that predict a teacher-forced answer token (the query's last on)
+
+    def weights(self, cfg: CondenseConfig) -> Tensor | None:
+        """Weights of the chunk's query rows: ``cfg.answer_weight`` where they predict answer tokens, else 1."""
+        if cfg.answer_weight == 1:
+            return None
+        return torch.where(self.answer[self.query], cfg.answer_weight, 1.0).float()
 
 
 def _starts(n: int, batch_size: int) -> list[int]:
@@ -528,14 +555,18 @@ def _chunks(model: nn.Module, pairs: TokenPairs, skip: int, batch_size: int, spi
         prompted = layer_calls(model, arch, ids, prefix_mask(valid, lc), prefix_view(cache))
         ids, mask = pad_right([pairs.free(i) for i in idx], 0, device)
         query = torch.zeros_like(mask, dtype=torch.bool)
+        answer = torch.zeros_like(query)
         for j, i in enumerate(idx):
             query[j, l0 : l0 + len(pairs.queries[i])] = True
+            if pairs.answer_start:
+                answer[j, l0 + pairs.answer_start[i] - 1 : l0 + len(pairs.queries[i])] = True
         free = layer_calls(model, arch, ids, mask)
         active = torch.arange(ids.shape[1], device=device).expand_as(ids) >= skip
         n = start // batch_size
         spill.put("p", n, {"h": prompted.hidden})
         spill.put("f", n, {"h": free.hidden})
-        chunks.append(_Chunk(n, prompted.calls, valid.bool(), free.calls, query, active, ~mask.bool()[..., None]))
+        padding = ~mask.bool()[..., None]
+        chunks.append(_Chunk(n, prompted.calls, valid.bool(), free.calls, query, active, padding, answer))
     return chunks
 
 
@@ -640,11 +671,9 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
                     seen: dict[str, Tensor] = {}
                     _run_free(blk, ch, h, pos, own + _taps(blk, seen))
                     rows = {k + "c": v for k, v in rows.items()} | {k + "0": v[ch.query] for k, v in seen.items()}
-                    spill.put(
-                        "rows",
-                        ch.n,
-                        rows | {"nh": h[ch.query].norm(dim=-1).float(), "nr": rows["rc"].norm(dim=-1).float()},
-                    )
+                    rows |= {"nh": h[ch.query].norm(dim=-1).float(), "nr": rows["rc"].norm(dim=-1).float()}
+                    w = ch.weights(cfg)
+                    spill.put("rows", ch.n, rows if w is None else rows | {"w": w})
                 else:  # nothing to fit: advance at once
                     spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
             if fit:
@@ -715,7 +744,8 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
                     if select is not None:
                         k = k & select(n, k)
                     x = d["x0"][k] if (cfg.attn_query or cfg.attn_gate) else None
-                    yield d["o0"][k].unflatten(-1, (heads, head_dim)), d["oc"][k].unflatten(-1, (heads, head_dim)), x
+                    w = d["w"][k] if "w" in d else None
+                    yield d["o0"][k].unflatten(-1, (heads, head_dim)), d["oc"][k].unflatten(-1, (heads, head_dim)), x, w
 
             return rows
 
@@ -749,23 +779,23 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
         def mid_rows():
             for n in range(total):
                 d = spill.get("rows", n)
-                m = d if key == "rows" else spill.get(key, n)
-                yield m["r0"][keeps[n]], m["z0"][keeps[n]], d["rc"][keeps[n]], d["zc"][keeps[n]]
+                m, k = (d if key == "rows" else spill.get(key, n)), keeps[n]
+                yield m["r0"][k], m["z0"][k], d["rc"][k], d["zc"][k], d["w"][k] if "w" in d else None
 
         attn_out = not blk.parallel and cfg.placement == "attn_out" and cfg.vector
         if attn_out:  # the MLP input moves with the vector: its mean first
             s_delta = MatrixStats()
-            for r_0, _, r_c, _ in mid_rows():
-                s_delta.add(r_c - r_0, None, None)
+            for r_0, _, r_c, _, w in mid_rows():
+                s_delta.add(r_c - r_0, None, None, w)
             v = s_delta.vector().to(r_0.dtype)
         stats = MatrixStats()
-        for r_0, z_0, r_c, z_c in mid_rows():
+        for r_0, z_0, r_c, z_c, w in mid_rows():
             if blk.parallel:  # the MLP reads the block input: the vector never reaches it
                 a, u = z_0, z_c - z_0
             else:
                 a = blk.norm2(r_0 + v) if attn_out else z_0
                 u = blk.norm2(r_c) - a
-            stats.add(r_c - r_0, a, u)
+            stats.add(r_c - r_0, a, u, w)
         vm, kept = _vector_matrix(stats, cfg, f"block {i}")
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
@@ -798,12 +828,13 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps,
         e = (spill.get("p", ch.n)["h"][ch.valid][k] - out[ch.query][k]) / blk.branch_scale
         if inverse is not None:
             e = e * seen["u"][ch.query][k].pow(2).mean(-1, keepdim=True).sqrt() * inverse
-        spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e})
+        w = ch.weights(cfg)
+        spill.put("down", ch.n, {"h": seen["h"][ch.query][k], "e": e} | ({} if w is None else {"w": w[k]}))
     share(spill, "down", [ch.n for ch in chunks], total)
     folds = (MatrixStats(), MatrixStats())  # query chunks alternate between two folds (never tokens)
     for n in range(total):
         d = spill.get("down", n)
-        folds[n % 2].add(None, d["h"], d["e"])
+        folds[n % 2].add(None, d["h"], d["e"], d.get("w"))
     ridge = cfg.down_ridge
     if cfg.down_ridge_grid:  # one chunk alone: no second fold, the configured ridge
         cv = cv_ridge(folds, cfg.down_ridge_grid)

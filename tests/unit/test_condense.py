@@ -19,6 +19,7 @@ from thoughtpatch.condense import (
     fit_attention,
     truncate,
 )
+from thoughtpatch.errors import UsageError
 
 QUERIES = ["What is the capital of France?", "Tell me a story about a cat", "1 2 3", "dog and fox"]
 
@@ -60,6 +61,45 @@ def test_statistics_of_shards_add_up(tiny_dir):
     a, b = Affine().add(x[:15], y[:15]) + Affine().add(x[15:], y[15:]), Affine().add(x, y)
     for w1, w2 in zip(a.fit(0.1), b.fit(0.1), strict=True):
         assert torch.allclose(w1, w2, atol=1e-10)
+
+
+def test_row_weights_count_as_repeated_rows():
+    """A row of weight k adds to every statistic what k copies of it add: the weighted fits of the attention
+    map (query term and gate included) and of the thought vector and matrix equal the fits on repeated rows."""
+    g = torch.Generator().manual_seed(3)
+    n, heads, head_dim, d = 60, 2, 3, 5
+    o0, oc = (torch.randn(n, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randint(1, 4, (n,), generator=g)
+    rep = torch.arange(n).repeat_interleave(w)
+    cfg = CondenseConfig(attn_query=True, attn_gate=True)
+    weighted = fit_attention(lambda: [(o0, oc, x, w.float())], cfg, 0.1)
+    repeated = fit_attention(lambda: [(o0[rep], oc[rep], x[rep], None)], cfg, 0.1)
+    for k in weighted:
+        assert torch.allclose(weighted[k], repeated[k], rtol=1e-5, atol=1e-7), k
+    delta, a, u = (torch.randn(n, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    one, many = MatrixStats().add(delta, a, u, w), MatrixStats().add(delta[rep], a[rep], u[rep])
+    assert one.n == many.n == int(w.sum())
+    assert torch.allclose(one.vector(), many.vector(), atol=1e-12)
+    assert torch.allclose(one.matrix(1.0)[0], many.matrix(1.0)[0], atol=1e-10)
+
+
+def test_answer_weight_weighs_the_rows_that_predict_answers(tiny_dir):
+    """``answer_weight`` changes the patch only through the rows that predict answer tokens: weight 1 is the
+    default patch to the bit, another weight a different patch that records it."""
+    lm = load_model(str(tiny_dir("llama")), dtype="float64")
+    pairs = teacher_answers(lm.model, lm.tokenizer, align(lm.tokenizer, Prompt("You are a pirate."), QUERIES), 3)
+    cfg = CondenseConfig(attn="cross", down=True, down_rank=4, matrix=False)
+    base, same, heavy = (
+        condense(lm.model, pairs, cfg if a is None else replace(cfg, answer_weight=a)) for a in (None, 1.0, 4.0)
+    )
+    assert "method.answer_weight" not in base.meta and heavy.meta["method.answer_weight"] == "4.0"
+    for i, lp in base.layers.items():
+        for k, t in lp.tensors().items():
+            assert torch.equal(t, same.layers[i].tensors()[k]), (i, k)
+    assert not torch.allclose(base.layers[0].down_a, heavy.layers[0].down_a)
+    with pytest.raises(UsageError, match="answer-weight"):
+        replace(cfg, answer_weight=0.0).validate()
 
 
 def test_affine_fit_recovers_a_known_map():
@@ -135,10 +175,10 @@ def test_attention_fit_streamed_in_blocks_equals_one_pass():
     gamma = 1 + 0.3 * torch.tanh(x @ torch.randn(d, heads, dtype=torch.float64))  # query-dependent scale
     oc = gamma[..., None] * (o0 + 0.2 * o0.flip(-1)) + 0.1
     cfg = CondenseConfig(attn_query=True, attn_gate=True)
-    one = fit_attention(lambda: [(o0, oc, x)], cfg, 0.1)
+    one = fit_attention(lambda: [(o0, oc, x, None)], cfg, 0.1)
     cuts = [0, 7, 100, 101, 300]
     blocks = fit_attention(
-        lambda: [(o0[a:b], oc[a:b], x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)], cfg, 0.1
+        lambda: [(o0[a:b], oc[a:b], x[a:b], None) for a, b in zip(cuts[:-1], cuts[1:], strict=True)], cfg, 0.1
     )
     assert set(one) == {"attn_weight", "attn_bias", "attn_query", "attn_gate"}
     for k in one:
@@ -177,11 +217,13 @@ def test_cross_head_map_recovers_what_mixes_heads():
     o0 = torch.randn(400, 2, 4, generator=g, dtype=torch.float64)
     mix, bias = torch.randn(8, 8, generator=g, dtype=torch.float64) * 0.3, torch.randn(8, generator=g)
     oc = o0 + (o0.flatten(1) @ mix.T + bias).view(-1, 2, 4)
-    wide = fit_attention(lambda: [(o0.view(-1, 1, 8), oc.view(-1, 1, 8), None)], CondenseConfig(attn="cross"), 0.0)
+    wide = fit_attention(
+        lambda: [(o0.view(-1, 1, 8), oc.view(-1, 1, 8), None, None)], CondenseConfig(attn="cross"), 0.0
+    )
     assert wide["attn_weight"].shape == (1, 8, 8)
     assert torch.allclose(wide["attn_weight"][0].double(), mix, atol=1e-5)
     assert torch.allclose(wide["attn_bias"].double(), bias.double(), atol=1e-5)
-    per_head = fit_attention(lambda: [(o0, oc, None)], CondenseConfig(attn="full"), 0.0)
+    per_head = fit_attention(lambda: [(o0, oc, None, None)], CondenseConfig(attn="full"), 0.0)
     assert (_predict_attention(per_head, o0, None) - oc).abs().max() > 0.1
 
 
