@@ -678,11 +678,13 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
                     spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
             if fit:
                 share(spill, "rows", [ch.n for ch in chunks], total)
-                lp = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots)
+                lp, rejoin = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots)
                 patch.layers[i] = lp.scaled(cfg.strength)
                 specs = layer_hook_specs(model, patch, pos, {i})
-                for ch in chunks:
-                    spill.put("f", ch.n, {"h": _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, specs)})
+                for ch in chunks:  # advance: from the down map's pass where it can, else run the block again
+                    h = _advance(blk, ch, spill, patch.layers[i], cfg) if rejoin else None
+                    h = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, specs) if h is None else h
+                    spill.put("f", ch.n, {"h": h})
             if progress:
                 progress(1)
     patch.meta = _method_meta(cfg, energies)
@@ -720,9 +722,9 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 
-def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots=None) -> LayerPatch:
+def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots=None) -> tuple[LayerPatch, bool]:
     """Fit block ``blk`` from the rows of all ``total`` chunks in the spill, read a chunk at a time (on top of
-    its ``slots``, when it has them)."""
+    its ``slots``, when it has them); and whether the down map's pass left what :func:`_advance` needs."""
     i = blk.index
     heads, head_dim = head_shape(model)
     if cfg.attn == "cross":  # one map over all heads' outputs: a single group as wide as them all
@@ -764,15 +766,17 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
         for k, v in fit_attention(attention_rows(), cfg, ridge, where=f"block {i} attention map").items():
             require_finite(v, f"block {i} {k} (condensation statistics)")
             setattr(lp, k, v)
+    # The down map's pass can be this one when the vector joins after the block and no matrix moves the MLP input.
+    ahead = cfg.down and blk.mlp_out is not None and not blk.parallel and cfg.placement == "skip" and not cfg.matrix
     if cfg.vector or cfg.matrix:
         key = "rows"
         if cfg.attn != "none":  # the rest is fitted with the attention map installed
             key, only = "mid", Patch({i: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
             for ch in chunks:
                 seen: dict[str, Tensor] = {}
-                _run_free(
-                    blk, ch, spill.get("f", ch.n)["h"], pos, layer_hook_specs(model, only, pos) + _taps(blk, seen)
-                )
+                taps = [*mid_taps(blk, seen), _mlp_tap(blk, seen)] if ahead else _taps(blk, seen)
+                out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, layer_hook_specs(model, only, pos) + taps)
+                ahead = ahead and _keep(blk, ch, spill, seen, out, None)
                 spill.put("mid", ch.n, {"r0": seen["r"][ch.query], "z0": seen["z"][ch.query]})
             share(spill, "mid", [ch.n for ch in chunks], total)
 
@@ -800,22 +804,62 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     if cfg.down and blk.mlp_out is not None:
-        lp.down_b, lp.down_a = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps, ridges["down"])
-    return lp
+        ready = ahead and cfg.attn != "none" and (cfg.vector or cfg.matrix)
+        down = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps, ridges["down"], ready)
+        lp.down_b, lp.down_a, rejoin = down
+        return lp, rejoin
+    return lp, False
 
 
-def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps, chosen) -> tuple[Tensor, Tensor]:
+def _mlp_tap(blk: Block, seen: dict[str, Tensor]) -> tuple[nn.Module, str, Callable]:
+    """Record the MLP's hidden activations ``h`` (the output projection's input) and its output ``u``."""
+    return (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
+
+
+def _keep(blk: Block, ch: _Chunk, spill, seen: dict[str, Tensor], out: Tensor, vector: Tensor | None) -> bool:
+    """Keep a pass's mid-residual and MLP activations for :func:`_advance` if the block output rejoins from
+    them exactly as the block computed it; whether it does."""
+    again = _rejoin(blk, seen["r"], seen["u"], vector, ch.active).masked_fill(ch.padding, 0)
+    if not torch.allclose(again, out, rtol=1e-5, atol=1e-5 * float(out.abs().max())):
+        return False
+    spill.put("adv", ch.n, {"r": seen["r"], "u": seen["u"], "h": seen["h"]})
+    return True
+
+
+def _rejoin(blk: Block, r: Tensor, u: Tensor, vector: Tensor | None, active: Tensor) -> Tensor:
+    """The block output from its mid-residual ``r`` and its MLP output ``u`` (and a thought vector added after
+    the block at the ``active`` positions), as a sequential block without a norm after the residual joins them."""
+    y = r + blk.branch_scale * (u if blk.post_mlp_norm is None else blk.post_mlp_norm(u))
+    return y if vector is None else y + vector.to(y) * active[..., None].to(y)
+
+
+def _advance(blk: Block, ch: _Chunk, spill, lp: LayerPatch, cfg: CondenseConfig) -> Tensor:
+    """A chunk's prompt-free states after block ``blk`` with its patch ``lp`` (scaled) installed, without
+    running the block: the down map's pass kept its mid-residual, its MLP's hidden activations and output,
+    and the down map acts on the output projection alone."""
+    d = spill.get("adv", ch.n)
+    u = d["u"] + ((d["h"] @ lp.down_a.to(d["h"])) @ lp.down_b.to(d["h"]).T) * ch.active[..., None].to(d["u"])
+    return _rejoin(blk, d["r"], u, lp.vector if cfg.placement == "skip" else None, ch.active).masked_fill(ch.padding, 0)
+
+
+def _fit_down(
+    model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps, chosen, ready: bool = False
+) -> tuple[Tensor, Tensor, bool]:
     """Factors of ``G`` (d, I): the block output's remaining error as a linear map of the MLP's hidden
-    activations ``h`` (the rest of the block's patch installed).
+    activations ``h`` (the rest of the block's patch installed); and whether each chunk's pass rejoins from
+    its mid-residual and MLP output exactly as the block does (then they are kept for :func:`_advance`).
+    ``ready``: the pass before the vector's fit kept them already; the block is not run again.
 
     The error ``e`` is taken back to the output projection's output ``u``: divided by the branch's scale, and
     through a norm on the branch (``g u / rms(u)``) by its first-order inverse ``e rms(u) / g``, damped
     (``g / (g^2 + tau^2)`` for ``1 / g``, ``tau = NORM_DAMPING * median |g|``): a direction of small gain would
     need a large change of ``u`` to move the output, and such changes, fitted on some queries, upset the
     norm's scale on others (Gemma-3's gains span 0.01 to 1,600)."""
-    only = Patch({blk.index: lp.scaled(cfg.strength)}, cfg.placement, pos.skip)
+    scaled = lp.scaled(cfg.strength)
+    only = Patch({blk.index: scaled}, cfg.placement, pos.skip)
+    vector = scaled.vector if cfg.placement == "skip" else None
+    rejoin = not blk.parallel
     seen: dict[str, Tensor] = {}
-    tap = (blk.mlp_out, "fwd", lambda m, a, out: seen.update(h=a[0], u=out))
     post = blk.post_mlp_norm
     inverse = None
     if post is not None:  # the gain g inverted with damping: 1 / g where g is large, towards 0 where it is small
@@ -823,7 +867,13 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps,
         tau = NORM_DAMPING * g.abs().median()
         inverse = g / (g * g + tau * tau)
     for ch in chunks:
-        out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [*layer_hook_specs(model, only, pos), tap])
+        if ready:  # the vector joins after the block: added to the kept pass's output
+            seen = spill.get("adv", ch.n)
+            out = _rejoin(blk, seen["r"], seen["u"], vector, ch.active).masked_fill(ch.padding, 0)
+        else:
+            specs = [*layer_hook_specs(model, only, pos), _mlp_tap(blk, seen), *(mid_taps(blk, seen) if rejoin else [])]
+            out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, specs)
+            rejoin = rejoin and _keep(blk, ch, spill, seen, out, vector)
         k = keeps[ch.n]
         e = (spill.get("p", ch.n)["h"][ch.valid][k] - out[ch.query][k]) / blk.branch_scale
         if inverse is not None:
@@ -842,4 +892,4 @@ def _fit_down(model, blk, chunks, total, spill, cfg, pos, lp: LayerPatch, keeps,
         chosen.append(ridge)
     g, _ = (folds[0] + folds[1]).matrix(ridge, f"block {blk.index} down map", "--down-ridge")
     b, a, _ = truncate(g, cfg.down_rank)
-    return b.float(), a.float()
+    return b.float(), a.float(), rejoin

@@ -13,6 +13,7 @@ from tiny import random_patch
 from thoughtpatch import Prompt, align, load_model
 from thoughtpatch.apply import installed, mlp_width
 from thoughtpatch.condense import CondenseConfig, MatrixStats, condense, cv_ridge
+from thoughtpatch.constants import PRESETS
 from thoughtpatch.errors import UsageError
 from thoughtpatch.evaluate import targets_for
 from thoughtpatch.patch import describe_patch, patch_from_bytes, patch_to_bytes, validate_for
@@ -223,3 +224,38 @@ def test_the_down_ridge_chosen_per_block_is_recorded_and_a_ridge_given_fixes_it(
     assert _config("bakeable", down_ridge=2.0).down_ridge_grid is None
     with pytest.raises(UsageError, match="--down-ridge must be >= 0"):
         replace(base, down_ridge_grid=(-1.0,)).validate()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "granite", "olmo2", "gpt2", "gpt_neox"])
+def test_passes_kept_for_the_down_map_and_the_advance_give_the_same_patch(tiny_dir, monkeypatch, family):
+    """The down map reads the pass the vector's fit ran (the vector joins after the block), and the states
+    advance from it (mid-residual, the MLP's hidden activations and output, rejoined through a norm after the
+    MLP where the family has one): the same patch as running the block for each, with fewer block runs.
+    Parallel blocks (the MLP reads the block input) run the block each time."""
+    import thoughtpatch.condense as condense_module
+
+    lm = load_model(str(tiny_dir(family)), dtype="float64")
+    pairs = targets_for(lm.model, lm.tokenizer, align(lm.tokenizer, Prompt("You are a pirate."), tiny.QUERIES), 3)
+    cfg = replace(PRESETS["bakeable"], down_rank=4, batch_size=2)
+    runs = {"fast": 0, "slow": 0}
+    run_free = condense_module._run_free
+
+    def counted(name):
+        def run(*a):
+            runs[name] += 1
+            return run_free(*a)
+
+        return run
+
+    monkeypatch.setattr(condense_module, "_run_free", counted("fast"))
+    fast = condense(lm.model, pairs, cfg)
+    monkeypatch.setattr(condense_module, "_run_free", counted("slow"))
+    monkeypatch.setattr(condense_module, "_keep", lambda *a: False)
+    slow = condense(lm.model, pairs, cfg)
+    layers, chunks = lm.model.config.num_hidden_layers, 3
+    assert runs["slow"] - runs["fast"] == (
+        0 if family == "gpt_neox" else chunks * layers * (1 + bool(fast.layers[0].vector is not None))
+    )
+    for i, lp in slow.layers.items():
+        for k, t in lp.tensors().items():
+            assert torch.allclose(fast.layers[i].tensors()[k], t, rtol=1e-7, atol=1e-9), (family, i, k)
