@@ -718,7 +718,6 @@ def export(
     debug: Debug = False,
 ) -> None:
     """Export a bakeable patch as a PEFT LoRA adapter or as llama.cpp GGUF files (needs the base weights)."""
-
     from .bake import config_view
     from .export import export_patch
     from .formats import check_fingerprint

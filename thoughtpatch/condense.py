@@ -325,11 +325,12 @@ def cv_ridge(folds: tuple[MatrixStats, MatrixStats], grid: tuple[float, ...]) ->
     if not all(f.n for f in folds):
         return None
     err = [0.0] * len(grid)
-    for fit, held in (folds, folds[::-1]):
-        w, v = torch.linalg.eigh(fit.s_aa.float())
+    single = [(f.s_aa.float(), f.s_ua.float()) for f in folds]
+    for (fit_aa, fit_ua), (held_aa, held_ua) in (single, single[::-1]):
+        w, v = torch.linalg.eigh(fit_aa)
         w = w.clamp(min=0)  # rounding can leave tiny negative eigenvalues
-        a, b = fit.s_ua.float() @ v, held.s_ua.float() @ v
-        quad, lin = (v.T @ held.s_aa.float() @ v) * (a.T @ a), (a * b).sum(0)
+        a, b = fit_ua @ v, held_ua @ v
+        quad, lin = (v.T @ held_aa @ v) * (a.T @ a), (a * b).sum(0)
         scale = float(w.sum()) / len(w)  # relative ridge: the mean feature energy, as MatrixStats.matrix
         for j, r in enumerate(grid):
             d = 1 / (w + r * scale)
