@@ -267,7 +267,7 @@ def extract(
         int,
         typer.Option(
             help="Add this many queries like the probes, written by the model itself with the prompt as context "
-            "(transmute --bakeable adds 192)."
+            "(transmute --bakeable adds 384)."
         ),
     ] = 0,
     json_out: Json = False,

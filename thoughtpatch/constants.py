@@ -12,10 +12,11 @@ FIT_ANSWER_TOKENS = 16
 
 # Model-written queries like the probes added to them, by mode (transmute --similar; others: none). What cannot
 # read the prompt must learn from examples what it does: SmolLM2 bakeable fewshot_antonym KL 0.35 -> 0.16 with 96.
-# 192 since session 10 (8 tasks, KL / top-1 / exact): SmolLM2 0.053 / 0.898 / 0.526 -> 0.047 / 0.906 / 0.542,
-# Gemma-3-270M 0.054 / 0.891 / 0.448 -> 0.043 / 0.898 / 0.469 (KL lower on all 16 runs). 384 gains less again on
-# SmolLM2 for twice the writing (docs/fidelity.md, Ablations).
-SIMILAR_QUERIES: dict[str, int] = {"bakeable": 192}
+# 192 in session 10 (8 tasks, KL / top-1 / exact): SmolLM2 0.053 / 0.898 / 0.526 -> 0.047 / 0.906 / 0.542,
+# Gemma-3-270M 0.054 / 0.891 / 0.448 -> 0.043 / 0.898 / 0.469 (KL lower on all 16 runs). 384 since session 11:
+# SmolLM2 -> 0.044 / 0.913 / 0.568, Gemma-3-270M -> 0.036 / 0.905 / 0.479 (KL lower on 8 of 8;
+# docs/fidelity.md, Ablations).
+SIMILAR_QUERIES: dict[str, int] = {"bakeable": 384}
 
 PRESETS: dict[str, CondenseConfig] = {
     # Any form `apply` runs: virtual key/value slots for half the prompt's tokens (a compressed copy of
@@ -39,7 +40,8 @@ PRESETS: dict[str, CondenseConfig] = {
     # 8 tasks 0.112 / 0.858 / 0.458 -> 0.066 / 0.892 / 0.505. Session 8: the attention map across the heads
     # (attn="cross", one map of all heads' outputs; it still bakes into o_proj) instead of per head: 8 tasks
     # 0.066 / 0.892 / 0.505 -> 0.053 / 0.898 / 0.526 (KL lower on 7, persona_pirate worse), 9.3M -> 18.1M numbers.
-    # Session 10: 192 written queries instead of 96: 0.053 / 0.898 / 0.526 -> 0.047 / 0.906 / 0.542.
+    # Session 10: 192 written queries instead of 96: 0.053 / 0.898 / 0.526 -> 0.047 / 0.906 / 0.542; session 11:
+    # 384, 0.044 / 0.913 / 0.568.
     # Narrowed per family to what folds exactly (condense.for_family): no vector where a norm follows it or no
     # bias exists, no constant where the attention output has no bias, no down map on mixtures of experts.
     "bakeable": CondenseConfig(
