@@ -777,7 +777,7 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
                 seen: dict[str, Tensor] = {}
                 taps = [*mid_taps(blk, seen), _mlp_tap(blk, seen)] if ahead else _taps(blk, seen)
                 out = _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, layer_hook_specs(model, only, pos) + taps)
-                ahead = ahead and _keep(blk, ch, spill, seen, out, None)
+                ahead = ahead and out is not None and _keep(blk, ch, spill, seen, out, None)
                 spill.put("mid", ch.n, {"r0": seen["r"][ch.query], "z0": seen["z"][ch.query]})
             share(spill, "mid", [ch.n for ch in chunks], total)
 
