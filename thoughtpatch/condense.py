@@ -283,11 +283,12 @@ class MatrixStats:
         """Rows of the block output's change ``delta``, the MLP input ``a`` and its change ``u``; ``w`` (N,):
         row weights (None: all 1)."""
         first = delta if delta is not None else a
-        wd = 1 if w is None else w.double().to(first.device)[:, None]
+        weigh = (lambda t: t) if w is None else (lambda t: t * w.double().to(first.device)[:, None])
+        ad = None if a is None else a.double()
         parts = [
-            None if delta is None else (delta.double() * wd).sum(0),
-            None if a is None else (a.double() * wd).T @ a.double(),
-            None if a is None else (u.double() * wd).T @ a.double(),
+            None if delta is None else weigh(delta.double()).sum(0),
+            None if a is None else weigh(ad).T @ ad,
+            None if a is None else weigh(u.double()).T @ ad,
         ]
         olds = (self.s_delta, self.s_aa, self.s_ua)
         self.s_delta, self.s_aa, self.s_ua = (p if o is None else o + p for o, p in zip(olds, parts, strict=True))
@@ -767,8 +768,10 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
         for k, v in fit_attention(attention_rows(), cfg, ridge, where=f"block {i} attention map").items():
             require_finite(v, f"block {i} {k} (condensation statistics)")
             setattr(lp, k, v)
-    # The down map's pass can be this one when the vector joins after the block and no matrix moves the MLP input.
-    ahead = cfg.down and blk.mlp_out is not None and not blk.parallel and cfg.placement == "skip" and not cfg.matrix
+    # The vector's pass can serve the down map when the vector joins after the block and no matrix moves the MLP
+    # input; it stays so while every chunk's pass rejoins (:func:`_keep`).
+    ahead = cfg.down and blk.mlp_out is not None and not blk.parallel and cfg.attn != "none"
+    ahead = ahead and cfg.vector and not cfg.matrix and cfg.placement == "skip"
     if cfg.vector or cfg.matrix:
         key = "rows"
         if cfg.attn != "none":  # the rest is fitted with the attention map installed
@@ -805,8 +808,7 @@ def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slo
         lp.vector, lp.matrix_a, lp.matrix_b = vm.vector, vm.matrix_a, vm.matrix_b
         energies.append(kept)
     if cfg.down and blk.mlp_out is not None:
-        ready = ahead and cfg.attn != "none" and (cfg.vector or cfg.matrix)
-        down = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps, ridges["down"], ready)
+        down = _fit_down(model, blk, chunks, total, spill, cfg, pos, lp, keeps, ridges["down"], ahead)
         lp.down_b, lp.down_a, rejoin = down
         return lp, rejoin
     return lp, False
