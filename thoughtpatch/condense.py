@@ -283,12 +283,13 @@ class MatrixStats:
         """Rows of the block output's change ``delta``, the MLP input ``a`` and its change ``u``; ``w`` (N,):
         row weights (None: all 1)."""
         first = delta if delta is not None else a
-        weigh = (lambda t: t) if w is None else (lambda t: t * w.double().to(first.device)[:, None])
-        ad = None if a is None else a.double()
+        weigh = (lambda t: t) if w is None else (lambda t: t * w.to(t)[:, None])
+        # products in the rows' own precision (single at most: a float32 model's rows), summed in double
+        af = None if a is None else a if a.dtype == torch.float64 else a.float()
         parts = [
             None if delta is None else weigh(delta.double()).sum(0),
-            None if a is None else weigh(ad).T @ ad,
-            None if a is None else weigh(u.double()).T @ ad,
+            None if a is None else (weigh(af).T @ af).double(),
+            None if a is None else (weigh(u.to(af)).T @ af).double(),
         ]
         olds = (self.s_delta, self.s_aa, self.s_ua)
         self.s_delta, self.s_aa, self.s_ua = (p if o is None else o + p for o, p in zip(olds, parts, strict=True))
