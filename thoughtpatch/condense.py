@@ -284,7 +284,7 @@ class MatrixStats:
         row weights (None: all 1)."""
         first = delta if delta is not None else a
         weigh = (lambda t: t) if w is None else (lambda t: t * w.to(t)[:, None])
-        # products in the rows' own precision (single at most: a float32 model's rows), summed in double
+        # products in single precision (double for a float64 model's rows, as the exactness tests need), summed in double
         af = None if a is None else a if a.dtype == torch.float64 else a.float()
         parts = [
             None if delta is None else weigh(delta.double()).sum(0),
