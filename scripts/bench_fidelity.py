@@ -7,6 +7,7 @@ and the tuned `caa` baseline. Writes a JSON file of all results, a markdown tabl
     python scripts/bench_fidelity.py                       # all tasks, the standard methods
     python scripts/bench_fidelity.py --tasks translate_french --methods best,bakeable
     python scripts/bench_fidelity.py --from-json docs/fidelity.json   # redraw table and plot only
+    python scripts/bench_fidelity.py --tasks-dir benchmarks/unseen  # families never used to tune
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def run(args) -> dict:
     m, tok = lm.model, lm.tokenizer
     n_params = sum(p.numel() for p in m.parameters())
     methods = dict(parse_variant(s) for s in args.methods.split(","))
-    tasks = sorted(p for p in (ROOT / "benchmarks" / "tasks").iterdir() if p.is_dir())
+    tasks = sorted(p for p in Path(args.tasks_dir).iterdir() if p.is_dir())
     if args.tasks:
         tasks = [t for t in tasks if t.name in args.tasks.split(",")]
     generic_pool = default_probes()
@@ -294,6 +295,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tasks", default="")
+    ap.add_argument("--tasks-dir", default=str(ROOT / "benchmarks" / "tasks"), help="Folder of task families")
     ap.add_argument("--methods", default="best,bakeable,compact,vector,vector+matrix,attn,attn+query")
     ap.add_argument("--answer-tokens", type=int, default=8, help="Answer tokens scored (targets)")
     ap.add_argument("--fit-answer-tokens", type=int, default=16, help="Answer tokens teacher-forced in the fit probes")
