@@ -79,7 +79,7 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
                 if isinstance(cur, bool)
                 else (v if isinstance(cur, str) else None if v == "none" else type(cur or 0.0)(v))
             )
-            if k in ("rank", "kv_max", "down_rank") and v != "none":
+            if k in ("rank", "kv_max", "down_rank", "kv_refine") and v != "none":
                 changes[k] = int(v)
     return name, (replace(cfg, **changes), generic)
 
@@ -128,7 +128,7 @@ def run(args) -> dict:
                 pairs = fit
             patches[name] = condense(m, pairs, cfg)
             build[name] = time.perf_counter() - t + t_fit * (len(fit_q) + generic) / (len(fit_q) + len(held_q))
-            chosen = {k: v for k, v in patches[name].meta.items() if k.endswith("_ridge_chosen")}
+            chosen = {k: v for k, v in patches[name].meta.items() if k.endswith("_chosen")}
             print(
                 f"[{task.name}] built {name} in {build[name]:.1f}s ({patches[name].numel()} numbers) {chosen or ''}",
                 file=sys.stderr,

@@ -44,7 +44,7 @@ from .extract import Updates, detect_sinks
 from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
-from .virtual import SELECT, allowed_keys, dispatch, fit_slots, prefix_share
+from .virtual import REFINE_CHECK, SELECT, allowed_keys, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -83,6 +83,7 @@ class CondenseConfig:
     down_ridge: float = 1.0  # its ridge, relative to the mean feature energy
     down_rank: int | None = None  # its rank (None: full)
     down_ridge_grid: tuple[float, ...] | None = None  # pick down_ridge per block by 2-fold CV over queries
+    kv_refine: int = 0  # slots: L-BFGS iterations refitting keys, multiplicities and values jointly (0: none)
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
     answer_weight: float = 1.0  # weight of the rows that predict answer tokens (the others weigh 1)
 
@@ -111,6 +112,8 @@ class CondenseConfig:
             raise UsageError(f"--answer-weight must be > 0, not {self.answer_weight}")
         if self.kv_select not in SELECT:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
+        if self.kv_refine < 0 or self.kv_refine % REFINE_CHECK:
+            raise UsageError(f"--kv-refine must be a multiple of {REFINE_CHECK} iterations >= 0, not {self.kv_refine}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -165,7 +168,7 @@ class CondenseConfig:
             return {}
         kv = {"kv": repr(self.kv), "kv_max": str(self.kv_max), "kv_ridge": repr(self.kv_ridge)}
         kv |= {"kv_budget": repr(self.kv_budget)} if self.kv_budget else {}
-        return kv | {"kv_select": self.kv_select}
+        return kv | {"kv_select": self.kv_select} | ({"kv_refine": str(self.kv_refine)} if self.kv_refine else {})
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -656,6 +659,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     pos = Positions(skip)
     energies: list[float] = []
     ridges: dict[str, list[float]] = {"attn": [], "down": []}  # the ridges chosen per block by CV
+    refits: list[int] = []  # the slots' refit iterations chosen per block
     with Spill(device_of(model)) as spill:
         chunks = _chunks(model, pairs, skip, cfg.batch_size, spill)
         total = -(-len(pairs.queries) // cfg.batch_size)
@@ -664,7 +668,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
             fit = i in fit_layers
             slots = None
             if fit and prompt_kv is not None:
-                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots[i], cfg)
+                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots[i], cfg, refits)
             own = layer_hook_specs(model, Patch({i: slots}, cfg.placement, skip), pos) if slots else []
             for ch in chunks:
                 rows = _step_prompted(blk, ch, spill)
@@ -694,11 +698,16 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     for part, chosen in ridges.items():
         if chosen:
             patch.meta[f"method.{part}_ridge_chosen"] = ",".join(repr(r) for r in chosen)
+    if cfg.kv_refine:
+        patch.meta["method.kv_refine_chosen"] = ",".join(str(n) for n in refits)
     return patch
 
 
-def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
-    """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched)."""
+def _slots(
+    blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg, refits
+) -> LayerPatch:
+    """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched);
+    the refit's iterations are appended to ``refits``."""
     now: dict[str, Tensor] = {}
     scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
 
@@ -706,9 +715,13 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
         b, t, s = query.shape[0], query.shape[2], key.shape[2]
         own = (query @ key.repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(-1, -2)) * scaling
         reads = allowed_keys(mask, b, t, s, query.device) & ~pos.prefix_keys().to(query.device)[:, None, None, -s:]
-        share = prefix_share(query, keys, own.masked_fill(~reads, float("-inf")), scaling)
+        own = own.masked_fill(~reads, float("-inf"))
+        share = prefix_share(query, keys, own, scaling)
         rows = now.pop("query")
         now["q"], now["share"] = query.transpose(1, 2)[rows].float(), share.transpose(1, 2)[rows].float()
+        if cfg.kv_refine:  # the rows' own attention output, which the slots' output is mixed with
+            out = own.softmax(-1) @ value.repeat_interleave(query.shape[1] // value.shape[1], 1)
+            now["own"] = out.transpose(1, 2)[rows].float()
         raise StopBlock
 
     blk.attention._thoughtpatch_record = record
@@ -716,12 +729,14 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
         for ch in chunks:
             now["query"] = ch.query
             _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [])
-            spill.put("q", ch.n, {"q": now.pop("q"), "share": now.pop("share")})
+            spill.put("q", ch.n, {k: now.pop(k) for k in ("q", "share", "own") if k in now})
     finally:
         del blk.attention._thoughtpatch_record
     share(spill, "q", [ch.n for ch in chunks], total)
-    rows = lambda: ((d["q"], d["share"]) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
-    slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select)
+    keys_ = ("q", "share", "own") if cfg.kv_refine else ("q", "share")
+    rows = lambda: (tuple(d[k] for k in keys_) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
+    slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select, cfg.kv_refine)
+    refits.append(slots.refined)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 

@@ -39,6 +39,7 @@ class Slots:
     value: Tensor
     bias: Tensor | None = None
     position: Tensor | None = None
+    refined: int = 0  # L-BFGS iterations of the joint refit (chosen on held-out query chunks)
 
 
 def _inner(module: nn.Module) -> Callable:
@@ -154,7 +155,7 @@ def _probs(rows: Rows, keys: Tensor, scaling: float, slots: Tensor | None = None
     prefix's share of its mass, (KVH, rows x group)) and, given ``slots`` keys (KVH, m, hd), its attention to
     them over the prefix's partition function (KVH, rows x group, m); float64."""
     kvh = keys.shape[0]
-    for q, share in rows():
+    for q, share, *_ in rows():
         for start in range(0, q.shape[0], ROWS):
             qb, sb = q[start : start + ROWS].double(), share[start : start + ROWS].double()
             qb = qb.unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # (KVH, r g, hd)
@@ -170,7 +171,15 @@ MERGE_STEPS = 5  # Lloyd iterations of the merge
 
 
 def fit_slots(
-    rows: Rows, keys: Tensor, values: Tensor, scaling: float, m: int, ridge: float, first: int = 0, select: str = "mass"
+    rows: Rows,
+    keys: Tensor,
+    values: Tensor,
+    scaling: float,
+    m: int,
+    ridge: float,
+    first: int = 0,
+    select: str = "mass",
+    refine: int = 0,
 ) -> Slots:
     """Pick and fit ``m`` slots per key/value head from the prefix's ``keys`` and ``values`` (KVH, L, hd).
 
@@ -212,7 +221,66 @@ def fit_slots(
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
     v = solve(normalised, lambda p: p @ values.double(), v0)
-    return Slots(k.to(keys.dtype), v.to(values.dtype), c.log().to(values.dtype), at)
+    b, steps = c.log(), 0
+    if refine:
+        k, b, v, steps = _refine(rows, keys.double(), values.double(), scaling, k, b, v, refine)
+    return Slots(k.to(keys.dtype), v.to(values.dtype), b.to(values.dtype), at, steps)
+
+
+REFINE_CHECK = 10  # L-BFGS iterations between the held-out checks of the refit
+
+
+def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Keys, log-multiplicities and values refitted jointly by L-BFGS to the head outputs the rows' own attention
+    and the prefix give, exactly (the squared error of each row's output, mixed by the softmax). The iterations
+    (at most ``steps``, a multiple of :data:`REFINE_CHECK`) are chosen on every other query chunk, fitted on the
+    rest; then the refit runs on all of them. Returns the keys, log-multiplicities, values and iterations."""
+    kvh = keys.shape[0]
+    flat = lambda t: t.double().unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # noqa: E731
+    chunks = [tuple(flat(t) for t in row) for row in rows()]  # (q, share, own): (KVH, N, hd), (KVH, N), (KVH, N, hd)
+
+    def objective(part: list) -> Callable[[list[Tensor]], Tensor]:
+        q, w, own = (torch.cat(t, 1) for t in zip(*part, strict=True))
+        s = (q @ keys.transpose(-1, -2)) * scaling
+        lse = s.logsumexp(-1)
+        want = w[..., None] * (s.softmax(-1) @ values - own)  # the prefix's part of the output, relative to own
+        lse_own = lse - torch.logit(w.clamp(1e-12, 1 - 1e-12))
+        scale = float(want.pow(2).sum()) or 1.0
+
+        def loss(params: list[Tensor]) -> Tensor:
+            kk, bb, vv = params
+            z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
+            got = torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None] * (z.softmax(-1) @ vv - own)
+            return (got - want).pow(2).sum() / scale
+
+        return loss
+
+    def fit(loss, n: int, held=None) -> tuple[list[Tensor], int]:
+        params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b, v)]
+        opt = torch.optim.LBFGS(params, max_iter=REFINE_CHECK, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            out = loss(params)
+            out.backward()
+            return out
+
+        scores = [] if held is None else [float(held(params))]
+        with torch.enable_grad():
+            for _ in range(n // REFINE_CHECK):
+                opt.step(closure)
+                if held is not None:
+                    with torch.no_grad():
+                        scores.append(float(held(params)))
+        best = min(range(len(scores)), key=scores.__getitem__) * REFINE_CHECK if scores else n
+        return [t.detach() for t in params], best
+
+    if len(chunks) > 1:
+        _, steps = fit(objective(chunks[1::2]), steps, objective(chunks[0::2]))
+    if not steps:
+        return k, b, v, 0
+    params, _ = fit(objective(chunks), steps)
+    return (*params, steps)
 
 
 def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
