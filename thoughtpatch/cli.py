@@ -119,6 +119,13 @@ KvBudget = Annotated[
         "out evenly over the blocks (the remainder one more in some)."
     ),
 ]
+KvRefine = Annotated[
+    int | None,
+    typer.Option(
+        help="Refit the slots' keys, multiplicities and values jointly for up to this many L-BFGS iterations (a "
+        "multiple of 10; the count is chosen on held-out query chunks; 0: no refit; the compact mode's default: 100)."
+    ),
+]
 Similar = Annotated[
     int | None,
     typer.Option(
@@ -430,6 +437,7 @@ def condense(
     kv: Kv = None,
     kv_max: KvMax = None,
     kv_budget: KvBudget = None,
+    kv_refine: KvRefine = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     device_map: DeviceMap = None,
@@ -449,7 +457,8 @@ def condense(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
-        kv=kv, kv_max=kv_max, kv_budget=kv_budget, down=down, down_ridge=down_ridge, down_rank=down_rank,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget, kv_refine=kv_refine, down=down, down_ridge=down_ridge,
+        down_rank=down_rank,
     )  # fmt: skip
     what = f"updates file {updates_file}"
     if cfg.construction == "parallel":  # condenses the updates themselves
@@ -501,6 +510,7 @@ def transmute(
     kv: Kv = None,
     kv_max: KvMax = None,
     kv_budget: KvBudget = None,
+    kv_refine: KvRefine = None,
     similar: Similar = None,
     chat: Chat = None,
     batch_size: BatchSize = 16,
@@ -527,7 +537,8 @@ def transmute(
     cfg = _config(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
-        kv=kv, kv_max=kv_max, kv_budget=kv_budget, down=down, down_ridge=down_ridge, down_rank=down_rank,
+        kv=kv, kv_max=kv_max, kv_budget=kv_budget, kv_refine=kv_refine, down=down, down_ridge=down_ridge,
+        down_rank=down_rank,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")

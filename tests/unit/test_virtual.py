@@ -147,11 +147,16 @@ def test_slot_patches_on_the_command_line(tiny_dir, tmp_path):
     (tmp_path / "held.txt").write_text("\n".join(ASK))
     patch = str(tmp_path / "p.safetensors")
     r = run_cli("transmute", str(tmp_path / "prompt.txt"), "--model", model, "--probes", str(tmp_path / "fit.txt"),
-                "--kv", "0.5", "--kv-max", "4", "--answer-tokens", "2", "-o", patch, "-q")  # fmt: skip
+                "--kv", "0.5", "--kv-max", "4", "--kv-refine", "20", "--answer-tokens", "2", "-o", patch, "-q")  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = run_cli("inspect", patch, "--json")
     rows = json.loads(r.stdout)["layers"]
     assert {row["kv_slots"] for row in rows} == {4}
+    assert json.loads(r.stdout)["metadata"]["method.kv_refine"] == "20"
+    r = run_cli("transmute", str(tmp_path / "prompt.txt"), "--model", model, "--kv", "0.5", "--kv-refine", "15",
+                "-o", str(tmp_path / "bad.safetensors"), "-q")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1 and "--kv-refine" in r.stderr.decode()
+    assert not (tmp_path / "bad.safetensors").exists()
     r = run_cli("apply", patch, "--model", model, "-p", "the dog", "-p", "a cat", "--max-new-tokens", "3", "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)["answers"]) == 2, r.stderr
     r = run_cli("eval", patch, "--model", model, "--prompt-file", str(tmp_path / "prompt.txt"),
