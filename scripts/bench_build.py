@@ -1,6 +1,9 @@
 """Patch build time: `transmute` with N probes on the default model, per mode, with its stages.
 
 python scripts/bench_build.py [--model M] [--probes 64] [--modes best,bakeable,compact] [--device cpu|cuda] [--json]
+
+A mode may change its preset's integer or float settings, to time a variant side by side with the preset:
+``--modes compact,compact:kv_refine=0``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
@@ -21,6 +25,16 @@ def machine(device: str) -> str:
     """The hardware a figure was measured on: the GPU's name on CUDA."""
     cpu = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     return f"{torch.cuda.get_device_name()}, {cpu}" if device.startswith("cuda") else cpu
+
+
+def preset(spec: str):
+    """``mode`` or ``mode:key=value:...``: the mode's preset with those settings changed."""
+    mode, *changes = spec.split(":")
+    cfg = PRESETS[mode]
+    for change in changes:
+        key, value = change.split("=")
+        cfg = replace(cfg, **{key: type(getattr(cfg, key) or 0)(float(value))})
+    return mode, cfg
 
 
 def main() -> None:
@@ -38,11 +52,12 @@ def main() -> None:
     load_s = time.perf_counter() - t
     probes = (default_probes() * 16)[: args.probes]
     rows = {}
-    for mode in args.modes.split(","):
+    for spec in args.modes.split(","):
+        mode, cfg = preset(spec)
         t = time.perf_counter()
         similar = SIMILAR_QUERIES.get(mode, 0)  # as transmute does by default
-        patch, seconds = run_transmute(lm, load_prompt(args.prompt), probes, PRESETS[mode], similar=similar)
-        rows[mode] = {"seconds": round(time.perf_counter() - t, 2), "stages": {k: round(v, 2) for k, v in seconds.items()},
+        patch, seconds = run_transmute(lm, load_prompt(args.prompt), probes, cfg, similar=similar)
+        rows[spec] = {"seconds": round(time.perf_counter() - t, 2), "stages": {k: round(v, 2) for k, v in seconds.items()},
                       "parameters": patch.numel()}  # fmt: skip
     doc = {
         "model": lm.model_id,
