@@ -228,6 +228,8 @@ def fit_slots(
 
 
 REFINE_CHECK = 10  # L-BFGS iterations between the held-out checks of the refit
+import os
+VARPRO = os.environ.get("THOUGHTPATCH_VARPRO") == "1"
 
 
 def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -239,7 +241,7 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
     flat = lambda t: t.double().unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # noqa: E731
     chunks = [tuple(flat(t) for t in row) for row in rows()]  # (q, share, own): (KVH, N, hd), (KVH, N), (KVH, N, hd)
 
-    def objective(part: list) -> Callable[[list[Tensor]], Tensor]:
+    def objective(part: list):
         q, w, own = (torch.cat(t, 1) for t in zip(*part, strict=True))
         s = (q @ keys.transpose(-1, -2)) * scaling
         lse = s.logsumexp(-1)
@@ -247,33 +249,46 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
         lse_own = lse - torch.logit(w.clamp(1e-12, 1 - 1e-12))
         scale = float(want.pow(2).sum()) or 1.0
 
-        def loss(params: list[Tensor]) -> Tensor:
-            kk, bb, vv = params
+        def mix(kk: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
             z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
-            got = torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None] * (z.softmax(-1) @ vv - own)
-            return (got - want).pow(2).sum() / scale
+            return torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None], z.softmax(-1)
 
-        return loss
+        def values_for(kk: Tensor, bb: Tensor) -> Tensor:  # the values are linear: least squares given the keys
+            g, p = mix(kk, bb)
+            x = g * p
+            gram = x.transpose(-1, -2) @ x
+            lam = 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            rhs = x.transpose(-1, -2) @ (want + g * own)
+            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype), rhs)
 
-    def fit(loss, n: int, held=None) -> tuple[list[Tensor], int]:
-        params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b, v)]
+        def loss(kk: Tensor, bb: Tensor, vv: Tensor) -> Tensor:
+            g, p = mix(kk, bb)
+            return (g * (p @ vv - own) - want).pow(2).sum() / scale
+
+        return loss, values_for
+
+    def fit(part, n: int, held=None) -> tuple[list[Tensor], int]:
+        loss, values_for = part
+        params = [t.detach().clone().contiguous().requires_grad_(True) for t in ((k, b) if VARPRO else (k, b, v))]
         opt = torch.optim.LBFGS(params, max_iter=REFINE_CHECK, line_search_fn="strong_wolfe")
+        full = (lambda: [*params, values_for(*params)]) if VARPRO else (lambda: params)
 
         def closure():
             opt.zero_grad()
-            out = loss(params)
+            out = loss(*full())
             out.backward()
             return out
 
-        scores = [] if held is None else [float(held(params))]
+        scores = [] if held is None else [float(held[0](*full()))]
         with torch.enable_grad():
             for _ in range(n // REFINE_CHECK):
                 opt.step(closure)
                 if held is not None:
                     with torch.no_grad():
-                        scores.append(float(held(params)))
+                        scores.append(float(held[0](*full())))
         best = min(range(len(scores)), key=scores.__getitem__) * REFINE_CHECK if scores else n
-        return [t.detach() for t in params], best
+        with torch.no_grad():
+            return [t.detach() for t in full()], best
 
     if len(chunks) > 1:
         _, steps = fit(objective(chunks[1::2]), steps, objective(chunks[0::2]))
