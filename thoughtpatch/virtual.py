@@ -228,15 +228,15 @@ def fit_slots(
 
 
 REFINE_CHECK = 10  # L-BFGS iterations between the held-out checks of the refit
-import os
-VARPRO = os.environ.get("THOUGHTPATCH_VARPRO") == "1"
 
 
 def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Keys, log-multiplicities and values refitted jointly by L-BFGS to the head outputs the rows' own attention
-    and the prefix give, exactly (the squared error of each row's output, mixed by the softmax). The iterations
-    (at most ``steps``, a multiple of :data:`REFINE_CHECK`) are chosen on every other query chunk, fitted on the
-    rest; then the refit runs on all of them. Returns the keys, log-multiplicities, values and iterations."""
+    """Keys, log-multiplicities and values refitted jointly to the head outputs: the squared error of each row's
+    output, the slots' part mixed with the row's own attention output by the softmax exactly as the prompt's is.
+    The values enter linearly, so they are solved by least squares for any keys and multiplicities, which L-BFGS
+    fits (variable projection: far fewer iterations than fitting all three). The iterations (at most ``steps``, a
+    multiple of :data:`REFINE_CHECK`) are chosen on every other query chunk, fitted on the rest; then the refit
+    runs on all of them. Returns the keys, log-multiplicities, values and iterations."""
     kvh = keys.shape[0]
     flat = lambda t: t.double().unflatten(1, (kvh, -1)).movedim(0, 1).flatten(1, 2)  # noqa: E731
     chunks = [tuple(flat(t) for t in row) for row in rows()]  # (q, share, own): (KVH, N, hd), (KVH, N), (KVH, N, hd)
@@ -259,7 +259,7 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
             gram = x.transpose(-1, -2) @ x
             lam = 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
             rhs = x.transpose(-1, -2) @ (want + g * own)
-            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype), rhs)
+            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), rhs)
 
         def loss(kk: Tensor, bb: Tensor, vv: Tensor) -> Tensor:
             g, p = mix(kk, bb)
@@ -269,9 +269,9 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
 
     def fit(part, n: int, held=None) -> tuple[list[Tensor], int]:
         loss, values_for = part
-        params = [t.detach().clone().contiguous().requires_grad_(True) for t in ((k, b) if VARPRO else (k, b, v))]
+        params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b)]
         opt = torch.optim.LBFGS(params, max_iter=REFINE_CHECK, line_search_fn="strong_wolfe")
-        full = (lambda: [*params, values_for(*params)]) if VARPRO else (lambda: params)
+        full = lambda: [*params, values_for(*params)]  # noqa: E731
 
         def closure():
             opt.zero_grad()
@@ -279,7 +279,8 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
             out.backward()
             return out
 
-        scores = [] if held is None else [float(held[0](*full()))]
+        with torch.no_grad():
+            scores = [] if held is None else [float(held[0](*full()))]
         with torch.enable_grad():
             for _ in range(n // REFINE_CHECK):
                 opt.step(closure)
