@@ -114,6 +114,8 @@ class CondenseConfig:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.kv_refine < 0 or self.kv_refine % REFINE_CHECK:
             raise UsageError(f"--kv-refine must be a multiple of {REFINE_CHECK} iterations >= 0, not {self.kv_refine}")
+        if self.kv_refine and not self.kv:
+            raise UsageError("--kv-refine refits virtual key/value slots: give --kv too (or --kv-refine 0)")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":

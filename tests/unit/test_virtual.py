@@ -121,6 +121,7 @@ def test_bad_slot_files_and_configs(tiny_dir):
         CondenseConfig(kv=1.0, kv_select="nearest"),
         CondenseConfig(kv=1.0, kv_refine=15),
         CondenseConfig(kv=1.0, kv_refine=-10),
+        CondenseConfig(kv=0.0, kv_refine=10),
     ):
         with pytest.raises(UsageError, match="kv"):
             bad.validate()
