@@ -63,7 +63,8 @@ PRESETS: dict[str, CondenseConfig] = {
     # slots per block (0.091%) -> 298 slots, 9-10 per block (0.0994%), 8 tasks 0.130 / 0.848 / 0.531 -> 0.129 /
     # 0.852 / 0.526 (KL / top-1 / exact; a gain within what a slot more or less moves: 275 slots gave 0.844).
     # Session 14: the slots' keys and multiplicities refitted by L-BFGS to the head outputs, their values solved by
-    # least squares for each (up to 100 iterations, chosen on held-out query chunks; kv_refine): 8 tasks 0.129 /
-    # 0.852 / 0.526 -> FINAL (docs/fidelity.md, Ablations).
+    # least squares for each (up to 100 iterations, chosen on held-out query chunks; kv_refine): SmolLM2, 8 tasks
+    # 0.129 / 0.852 / 0.526 -> 0.049 / 0.911 / 0.693 (better on every task in all three), Gemma-3-270M 0.048 /
+    # 0.925 / 0.620 -> 0.031 / 0.946 / 0.729 (docs/fidelity.md, Ablations).
     "compact": CondenseConfig(attn="scalar", vector=False, matrix=False, kv=1.0, kv_budget=0.000865, kv_refine=100),
 }
