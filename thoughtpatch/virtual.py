@@ -147,7 +147,7 @@ def prefix_share(query: Tensor, keys: Tensor, own_scores: Tensor, scaling: float
     return torch.sigmoid(pre.logsumexp(-1) - own_scores.logsumexp(-1))
 
 
-Rows = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over (query rows (R, H, hd), share (R, H))
+Rows = Callable[[], Iterable[tuple[Tensor, ...]]]  # a fresh pass over (query rows (R, H, hd), share (R, H)[, own])
 
 
 def _probs(rows: Rows, keys: Tensor, scaling: float, slots: Tensor | None = None) -> Iterator[tuple[Tensor, ...]]:
@@ -191,7 +191,9 @@ def fit_slots(
     ``b`` make them carry the prefix's mass (sum_j e^b_j f_rj ~ 1 over the rows, f_rj row r's attention to
     slot j over the prefix's partition function) and their values its mean value, both by weighted ridge
     least squares shrunk toward that start, ``ridge`` relative to the Gram matrix's mean diagonal. ``first``:
-    the position of the first key.
+    the position of the first key. ``refine``: then refit them to the head outputs for up to that many L-BFGS
+    iterations (:func:`_refine`); ``rows()`` must then also give each row's attention output over its own
+    tokens, (R, H, hd).
     """
     mass = sum((p * w[..., None]).sum(1) for p, w, _ in _probs(rows, keys, scaling))
     idx = mass.topk(min(m, keys.shape[1]), -1).indices.sort(-1).values
