@@ -368,8 +368,6 @@ def _config(mode: str, **options):
         given.setdefault("down", True)
     if "down_ridge" in given:  # a ridge given is used in every block, not chosen by cross-validation
         given["down_ridge_grid"] = None
-    if given.get("kv") == 0:  # no slots: nothing for the mode's slot refit to refit
-        given.setdefault("kv_refine", 0)
     if "layers" in given:
         given["layers"] = _layers(given["layers"])
     cfg = replace(PRESETS[mode], **given)

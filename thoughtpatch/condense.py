@@ -114,8 +114,6 @@ class CondenseConfig:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.kv_refine < 0 or self.kv_refine % REFINE_CHECK:
             raise UsageError(f"--kv-refine must be a multiple of {REFINE_CHECK} iterations >= 0, not {self.kv_refine}")
-        if self.kv_refine and not self.kv:
-            raise UsageError("--kv-refine refits virtual key/value slots: give --kv too (or --kv-refine 0)")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -700,7 +698,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     for part, chosen in ridges.items():
         if chosen:
             patch.meta[f"method.{part}_ridge_chosen"] = ",".join(repr(r) for r in chosen)
-    if cfg.kv_refine:
+    if cfg.kv_refine and refits:
         patch.meta["method.kv_refine_chosen"] = ",".join(str(n) for n in refits)
     return patch
 

@@ -121,13 +121,9 @@ def test_bad_slot_files_and_configs(tiny_dir):
         CondenseConfig(kv=1.0, kv_select="nearest"),
         CondenseConfig(kv=1.0, kv_refine=15),
         CondenseConfig(kv=1.0, kv_refine=-10),
-        CondenseConfig(kv=0.0, kv_refine=10),
     ):
         with pytest.raises(UsageError, match="kv"):
             bad.validate()
-    from thoughtpatch.cli import _config
-
-    assert _config("compact").kv_refine and _config("compact", kv=0.0).kv_refine == 0  # no slots, no refit
     two = condense(lm.model, fit, CondenseConfig(kv=0.5, attn="none", vector=False, matrix=False))
     with pytest.raises(UsageError, match="only one"), installed(lm.model, [two, two]):
         pass
