@@ -724,17 +724,17 @@ def _slots(
             now["own"] = out.transpose(1, 2)[rows].float()
         raise StopBlock
 
+    parts = ("q", "share", "own")  # "own" only where the slots are refitted
     blk.attention._thoughtpatch_record = record
     try:
         for ch in chunks:
             now["query"] = ch.query
             _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [])
-            spill.put("q", ch.n, {k: now.pop(k) for k in ("q", "share", "own") if k in now})
+            spill.put("q", ch.n, {k: now.pop(k) for k in parts if k in now})
     finally:
         del blk.attention._thoughtpatch_record
     share(spill, "q", [ch.n for ch in chunks], total)
-    keys_ = ("q", "share", "own") if cfg.kv_refine else ("q", "share")
-    rows = lambda: (tuple(d[k] for k in keys_) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
+    rows = lambda: (tuple(d[k] for k in parts if k in d) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
     slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select, cfg.kv_refine)
     refits.append(slots.refined)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
