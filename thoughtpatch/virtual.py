@@ -246,7 +246,7 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
     # (q, share, own) per query chunk: (KVH, N, hd), (KVH, N), (KVH, N, hd)
     chunks = [tuple(_by_kv_head(t.double(), keys.shape[0]) for t in row) for row in rows()]
 
-    def objective(part: list) -> Callable:
+    def objective(part: list):
         q, w, own = (torch.cat(t, 1) for t in zip(*part, strict=True))
         s = (q @ keys.transpose(-1, -2)) * scaling
         lse = s.logsumexp(-1)
@@ -254,44 +254,47 @@ def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Ten
         lse_own = lse - torch.logit(w.clamp(1e-12, 1 - 1e-12))
         scale = float(want.pow(2).sum()) or 1.0
 
-        def evaluate(kk: Tensor, bb: Tensor, vv: Tensor | None = None) -> tuple[Tensor, Tensor]:
-            """The loss at keys ``kk``, log-multiplicities ``bb`` and values ``vv`` (None: their least squares on
-            these rows: the values enter linearly), and the values."""
+        def mix(kk: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
             z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
-            g, p = torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None], z.softmax(-1)
-            if vv is None:
-                x = g * p
-                gram = x.transpose(-1, -2) @ x
-                lam = 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
-                eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-                vv = torch.linalg.solve(gram + lam * eye, x.transpose(-1, -2) @ (want + g * own))
-            return (g * (p @ vv - own) - want).pow(2).sum() / scale, vv
+            return torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None], z.softmax(-1)
 
-        return evaluate
+        def values_for(kk: Tensor, bb: Tensor) -> Tensor:  # the values are linear: least squares given the keys
+            g, p = mix(kk, bb)
+            x = g * p
+            gram = x.transpose(-1, -2) @ x
+            lam = 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            rhs = x.transpose(-1, -2) @ (want + g * own)
+            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), rhs)
 
-    def fit(evaluate, n: int, held=None) -> tuple[list[Tensor], int]:
+        def loss(kk: Tensor, bb: Tensor, vv: Tensor) -> Tensor:
+            g, p = mix(kk, bb)
+            return (g * (p @ vv - own) - want).pow(2).sum() / scale
+
+        return loss, values_for
+
+    def fit(part, n: int, held=None) -> tuple[list[Tensor], int]:
+        loss, values_for = part
         params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b)]
         opt = torch.optim.LBFGS(params, max_iter=REFINE_CHECK, line_search_fn="strong_wolfe")
+        full = lambda: [*params, values_for(*params)]  # noqa: E731
 
         def closure():
             opt.zero_grad()
-            out = evaluate(*params)[0]
+            out = loss(*full())
             out.backward()
             return out
 
-        def score() -> float:  # the held-out rows' loss with the values fitted on these
-            with torch.no_grad():
-                return float(held(*params, evaluate(*params)[1])[0])
-
-        scores = [] if held is None else [score()]
+        with torch.no_grad():
+            scores = [] if held is None else [float(held[0](*full()))]
         with torch.enable_grad():
             for _ in range(n // REFINE_CHECK):
                 opt.step(closure)
                 if held is not None:
-                    scores.append(score())
+                    with torch.no_grad():
+                        scores.append(float(held[0](*full())))
         best = min(range(len(scores)), key=scores.__getitem__) * REFINE_CHECK if scores else n
         with torch.no_grad():
-            return [*(t.detach() for t in params), evaluate(*params)[1]], best
+            return [t.detach() for t in full()], best
 
     if len(chunks) > 1:
         _, steps = fit(objective(chunks[1::2]), steps, objective(chunks[0::2]))
