@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
 from thoughtpatch import default_probes, load_model, load_prompt
+from thoughtpatch.condense import CondenseConfig
 from thoughtpatch.constants import PRESETS, SIMILAR_QUERIES
 from thoughtpatch.pipeline import run_transmute
 
@@ -27,14 +29,25 @@ def machine(device: str) -> str:
     return f"{torch.cuda.get_device_name()}, {cpu}" if device.startswith("cuda") else cpu
 
 
+KINDS = {f.name: str(f.type) for f in fields(CondenseConfig)}
+
+
+def setting(key: str, value: str):
+    """A preset setting's ``value`` as its type: ``none``, ``true``, numbers, lists split by "," or "/"."""
+    kind = KINDS[key]
+    if value == "none" and "None" in kind:
+        return None
+    number = int if "int" in kind else float
+    if kind.startswith("tuple"):
+        return tuple(number(x) for x in re.split("[,/]", value))
+    return value == "true" if kind == "bool" else value if kind == "str" else number(value)
+
+
 def preset(spec: str):
     """``mode`` or ``mode:key=value:...``: the mode's preset with those settings changed."""
     mode, *changes = spec.split(":")
-    cfg = PRESETS[mode]
-    for change in changes:
-        key, value = change.split("=")
-        cfg = replace(cfg, **{key: type(getattr(cfg, key) or 0)(float(value))})
-    return mode, cfg
+    pairs = (change.split("=") for change in changes)
+    return mode, replace(PRESETS[mode], **{key: setting(key, value) for key, value in pairs})
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ from thoughtpatch.evaluate import answer_logprobs, evaluate, score, targets_for,
 from thoughtpatch.pipeline import fit_pairs, similar_queries
 from thoughtpatch.prompts import align
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_build import setting  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 FIT_ANSWERS: dict[str, int] = {}  # per variant: answer tokens teacher-forced in the fit queries
 SAMPLES: dict[str, int] = {}  # per variant: extra sampled answers per fit query
@@ -68,19 +71,8 @@ def parse_variant(spec: str) -> tuple[str, tuple[CondenseConfig, int]]:
             SAMPLES[name] = int(v)
         elif k == "similar":
             SIMILAR[name] = int(v)
-        elif k == "layers":
-            changes[k] = tuple(int(x) for x in v.split(","))
-        elif k.endswith("_grid"):  # values split by "/" (a comma separates methods)
-            changes[k] = tuple(float(x) for x in v.split("/"))
         else:
-            cur = getattr(cfg, k)
-            changes[k] = (
-                (v == "true")
-                if isinstance(cur, bool)
-                else (v if isinstance(cur, str) else None if v == "none" else type(cur or 0.0)(v))
-            )
-            if k in ("rank", "kv_max", "down_rank", "kv_refine") and v != "none":
-                changes[k] = int(v)
+            changes[k] = setting(k, v)
     return name, (replace(cfg, **changes), generic)
 
 

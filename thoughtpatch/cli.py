@@ -122,8 +122,8 @@ KvBudget = Annotated[
 KvRefine = Annotated[
     int | None,
     typer.Option(
-        help="Refit the slots' keys, multiplicities and values jointly for up to this many L-BFGS iterations (a "
-        "multiple of 10; the count is chosen on held-out query chunks; 0: no refit; the compact mode's default: 100)."
+        help="Refit the slots' keys, multiplicities and values jointly to the head outputs for this many L-BFGS "
+        "iterations (a multiple of 10; 0: no refit; the compact mode's default: 100)."
     ),
 ]
 Similar = Annotated[

@@ -44,7 +44,7 @@ from .extract import Updates, detect_sinks
 from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
-from .virtual import REFINE_CHECK, SELECT, allowed_keys, dispatch, fit_slots, prefix_share
+from .virtual import REFINE_STEP, SELECT, allowed_keys, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -112,8 +112,8 @@ class CondenseConfig:
             raise UsageError(f"--answer-weight must be > 0, not {self.answer_weight}")
         if self.kv_select not in SELECT:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
-        if self.kv_refine < 0 or self.kv_refine % REFINE_CHECK:
-            raise UsageError(f"--kv-refine must be a multiple of {REFINE_CHECK} iterations >= 0, not {self.kv_refine}")
+        if self.kv_refine < 0 or self.kv_refine % REFINE_STEP:
+            raise UsageError(f"--kv-refine must be a multiple of {REFINE_STEP} iterations >= 0, not {self.kv_refine}")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -659,7 +659,6 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     pos = Positions(skip)
     energies: list[float] = []
     ridges: dict[str, list[float]] = {"attn": [], "down": []}  # the ridges chosen per block by CV
-    refits: list[int] = []  # the slots' refit iterations chosen per block
     with Spill(device_of(model)) as spill:
         chunks = _chunks(model, pairs, skip, cfg.batch_size, spill)
         total = -(-len(pairs.queries) // cfg.batch_size)
@@ -668,7 +667,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
             fit = i in fit_layers
             slots = None
             if fit and prompt_kv is not None:
-                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots[i], cfg, refits)
+                slots = _slots(blk, chunks, total, spill, pos, *prompt_kv[i], n_slots[i], cfg)
             own = layer_hook_specs(model, Patch({i: slots}, cfg.placement, skip), pos) if slots else []
             for ch in chunks:
                 rows = _step_prompted(blk, ch, spill)
@@ -698,16 +697,11 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
     for part, chosen in ridges.items():
         if chosen:
             patch.meta[f"method.{part}_ridge_chosen"] = ",".join(repr(r) for r in chosen)
-    if cfg.kv_refine and refits:
-        patch.meta["method.kv_refine_chosen"] = ",".join(str(n) for n in refits)
     return patch
 
 
-def _slots(
-    blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg, refits
-) -> LayerPatch:
-    """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched);
-    the refit's iterations are appended to ``refits``."""
+def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, first: int, m: int, cfg) -> LayerPatch:
+    """Fit block ``blk``'s virtual key/value slots to the queries of the prompt-free run (blocks below patched)."""
     now: dict[str, Tensor] = {}
     scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
 
@@ -736,7 +730,6 @@ def _slots(
     share(spill, "q", [ch.n for ch in chunks], total)
     rows = lambda: (tuple(d[k] for k in parts if k in d) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
     slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select, cfg.kv_refine)
-    refits.append(slots.refined)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 

@@ -39,7 +39,6 @@ class Slots:
     value: Tensor
     bias: Tensor | None = None
     position: Tensor | None = None
-    refined: int = 0  # L-BFGS iterations of the joint refit (chosen on held-out query chunks)
 
 
 def _inner(module: nn.Module) -> Callable:
@@ -195,7 +194,7 @@ def fit_slots(
     ``b`` make them carry the prefix's mass (sum_j e^b_j f_rj ~ 1 over the rows, f_rj row r's attention to
     slot j over the prefix's partition function) and their values its mean value, both by weighted ridge
     least squares shrunk toward that start, ``ridge`` relative to the Gram matrix's mean diagonal. ``first``:
-    the position of the first key. ``refine``: then refit them to the head outputs for up to that many L-BFGS
+    the position of the first key. ``refine``: then refit them to the head outputs for that many L-BFGS
     iterations (:func:`_refine`); ``rows()`` must then also give each row's attention output over its own
     tokens, (R, H, hd).
     """
@@ -227,81 +226,69 @@ def fit_slots(
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
     v = solve(normalised, lambda p: p @ values.double(), v0)
-    b, steps = c.log(), 0
+    b = c.log()
     if refine:
-        k, b, v, steps = _refine(rows, keys.double(), values.double(), scaling, k, b, v, refine)
-    return Slots(k.to(keys.dtype), v.to(values.dtype), b.to(values.dtype), at, steps)
+        k, b, v = _refine(rows, keys.double(), values.double(), scaling, k, b, v, refine)
+    return Slots(k.to(keys.dtype), v.to(values.dtype), b.to(values.dtype), at)
 
 
-REFINE_CHECK = 10  # L-BFGS iterations between the held-out checks of the refit
+REFINE_STEP = 10  # L-BFGS iterations per optimiser step of the refit (the line search's budget counts per step)
 
 
-def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def _output_error(rows: Rows, keys: Tensor, values: Tensor, scaling: float) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The slots' refit objective over the query rows: a function of the slots' keys, log-multiplicities and
+    values (None: the best for those keys)."""
+    # (q, share, own): (KVH, N, hd), (KVH, N), (KVH, N, hd)
+    parts = zip(*rows(), strict=True)
+    q, w, own = (torch.cat([_by_kv_head(t.double(), keys.shape[0]) for t in part], 1) for part in parts)
+    s = (q @ keys.transpose(-1, -2)) * scaling
+    lse = s.logsumexp(-1)
+    want = w[..., None] * (s.softmax(-1) @ values - own)  # the prefix's part of the output, relative to own
+    lse_own = lse - torch.logit(w.clamp(1e-12, 1 - 1e-12))
+    ww, wo, oo = want.pow(2).sum(-1), (want * own).sum(-1), own.pow(2).sum(-1)
+    scale = float(ww.sum()) or 1.0
+
+    def error(kk: Tensor, bb: Tensor, vv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The relative squared error of the rows' outputs at values ``vv`` (None: the best), and those values.
+        A row's output error is x_r vv - y_r with x_r = g_r p_r (its share g_r of the slots' mass, spread
+        by their softmax p_r) and y_r = want_r + g_r own_r."""
+        z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
+        g = torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None]
+        x = g * z.softmax(-1)
+        gram = x.transpose(-1, -2) @ x
+        rhs = x.transpose(-1, -2) @ want + (x * g).transpose(-1, -2) @ own
+        yy = (ww + g[..., 0] * (2 * wo + g[..., 0] * oo)).sum()
+        if vv is None:
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            vv = torch.linalg.solve(gram + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye, rhs)
+            return (yy - (rhs * vv).sum()) / scale, vv
+        return (yy - 2 * (rhs * vv).sum() + (vv * (gram @ vv)).sum()) / scale, vv
+
+    return error
+
+
+def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Keys, log-multiplicities and values refitted jointly to the head outputs: the squared error of each row's
     output, the slots' part mixed with the row's own attention output by the softmax exactly as the prompt's is.
-    The values enter linearly, so they are solved by least squares for any keys and multiplicities, which L-BFGS
-    fits (variable projection: far fewer iterations than fitting all three). The iterations (at most ``steps``, a
-    multiple of :data:`REFINE_CHECK`) are chosen on every other query chunk, fitted on the rest; then the refit
-    runs on all of them. Returns the keys, log-multiplicities, values and iterations."""
-    # (q, share, own) per query chunk: (KVH, N, hd), (KVH, N), (KVH, N, hd)
-    chunks = [tuple(_by_kv_head(t.double(), keys.shape[0]) for t in row) for row in rows()]
+    The values enter linearly, so they are solved by least squares for any keys and multiplicities, which
+    ``steps`` L-BFGS iterations (a multiple of :data:`REFINE_STEP`) fit on the error left at those values
+    (variable projection: far fewer iterations than fitting all three), computed from Gram products so that no
+    pass touches a row's full output. Returns the keys, log-multiplicities and values."""
+    error = _output_error(rows, keys, values, scaling)
+    params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b)]
+    opt = torch.optim.LBFGS(params, max_iter=REFINE_STEP, line_search_fn="strong_wolfe")
 
-    def objective(part: list):
-        q, w, own = (torch.cat(t, 1) for t in zip(*part, strict=True))
-        s = (q @ keys.transpose(-1, -2)) * scaling
-        lse = s.logsumexp(-1)
-        want = w[..., None] * (s.softmax(-1) @ values - own)  # the prefix's part of the output, relative to own
-        lse_own = lse - torch.logit(w.clamp(1e-12, 1 - 1e-12))
-        scale = float(want.pow(2).sum()) or 1.0
+    def closure():
+        opt.zero_grad()
+        out = error(*params)[0]
+        out.backward()
+        return out
 
-        def mix(kk: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
-            z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
-            return torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None], z.softmax(-1)
-
-        def values_for(kk: Tensor, bb: Tensor) -> Tensor:  # the values are linear: least squares given the keys
-            g, p = mix(kk, bb)
-            x = g * p
-            gram = x.transpose(-1, -2) @ x
-            lam = 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
-            rhs = x.transpose(-1, -2) @ (want + g * own)
-            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), rhs)
-
-        def loss(kk: Tensor, bb: Tensor, vv: Tensor) -> Tensor:
-            g, p = mix(kk, bb)
-            return (g * (p @ vv - own) - want).pow(2).sum() / scale
-
-        return loss, values_for
-
-    def fit(part, n: int, held=None) -> tuple[list[Tensor], int]:
-        loss, values_for = part
-        params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b)]
-        opt = torch.optim.LBFGS(params, max_iter=REFINE_CHECK, line_search_fn="strong_wolfe")
-        full = lambda: [*params, values_for(*params)]  # noqa: E731
-
-        def closure():
-            opt.zero_grad()
-            out = loss(*full())
-            out.backward()
-            return out
-
-        with torch.no_grad():
-            scores = [] if held is None else [float(held[0](*full()))]
-        with torch.enable_grad():
-            for _ in range(n // REFINE_CHECK):
-                opt.step(closure)
-                if held is not None:
-                    with torch.no_grad():
-                        scores.append(float(held[0](*full())))
-        best = min(range(len(scores)), key=scores.__getitem__) * REFINE_CHECK if scores else n
-        with torch.no_grad():
-            return [t.detach() for t in full()], best
-
-    if len(chunks) > 1:
-        _, steps = fit(objective(chunks[1::2]), steps, objective(chunks[0::2]))
-    if not steps:
-        return k, b, v, 0
-    params, _ = fit(objective(chunks), steps)
-    return (*params, steps)
+    with torch.enable_grad():
+        for _ in range(steps // REFINE_STEP):
+            opt.step(closure)
+    with torch.no_grad():
+        return *(t.detach() for t in params), error(*params)[1]
 
 
 def _groups(keys: Tensor, mass: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from thoughtpatch.engine import eos_ids, greedy
 from thoughtpatch.errors import UsageError
 from thoughtpatch.evaluate import targets_for
 from thoughtpatch.patch import patch_from_bytes, patch_to_bytes
-from thoughtpatch.virtual import fit_slots
+from thoughtpatch.virtual import _output_error, fit_slots
 
 FIT = ["the dog jumps", "a cat is lazy", "tell me a story", "1 2 3 4", "the fox please", "my dog and cat"]
 ASK = ["What is the capital of France?", "dog", "Tell me a story about a cat and a dog please"]
@@ -71,6 +71,7 @@ def test_slots_in_batched_cached_generation(tiny_dir):
     assert lm.model.config._attn_implementation != "thoughtpatch"
 
 
+@torch.no_grad()
 def test_compressed_slots_round_trip_and_help(tiny_dir):
     """A quarter of the tokens as slots: the file round-trips and the patch moves the model toward the prompt."""
     lm = load_model(str(tiny_dir("llama")), dtype="float64")
@@ -230,3 +231,28 @@ def test_refitted_slots_give_the_head_outputs_more_closely():
     refit = fit_slots(lambda: fit, keys, values, scaling, 3, 0.01, 0, "merge", refine=50)
     assert sum(error(refit, *c) for c in fit) < 0.8 * sum(error(plain, *c) for c in fit)  # 0.72
     assert error(refit, *new) < 0.95 * error(plain, *new)  # 0.87
+
+
+def test_refit_error_from_gram_products_is_the_rows_output_error():
+    """The refit's objective, computed from Gram products, is the rows' summed squared output error against the
+    prompted output (relative to the prompt's own part), and the values it solves for are the least-squares best."""
+    torch.manual_seed(2)
+    kvh, n, m, hd, scaling = 2, 16, 3, 8, 8**-0.5
+    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    keys, values, k, b, v = rand(kvh, n, hd), rand(kvh, n, hd), rand(kvh, m, hd), rand(kvh, m), rand(kvh, m, hd)
+    rows = [(rand(50, kvh, hd), torch.rand(50, kvh, dtype=torch.float64) * 0.8 + 0.1, rand(50, kvh, hd)) for _ in "ab"]
+    q, share, own = (torch.cat(t).movedim(0, 1) for t in zip(*rows, strict=True))  # one query head per key head
+    s = q @ keys.transpose(-1, -2) * scaling
+    prompt = share[..., None] * (s.softmax(-1) @ values - own)
+    z = q @ k.transpose(-1, -2) * scaling + b[:, None, :]
+    mix = torch.sigmoid(z.logsumexp(-1) - s.logsumexp(-1) + torch.logit(share))[..., None]
+
+    def direct(vals):
+        return float((mix * (z.softmax(-1) @ vals - own) - prompt).pow(2).sum() / prompt.pow(2).sum())
+
+    error = _output_error(lambda: rows, keys, values, scaling)
+    at_v, same = error(k, b, v)
+    assert same is v and float(at_v) == pytest.approx(direct(v), rel=1e-9)
+    best, solved = error(k, b)
+    assert float(best) == pytest.approx(direct(solved), rel=1e-7) and float(best) < float(at_v)  # its 1e-9 ridge
+    assert direct(solved + 1e-3 * rand(kvh, m, hd)) > direct(solved)
