@@ -65,6 +65,7 @@ PRESETS: dict[str, CondenseConfig] = {
     # Session 14: the slots' keys and multiplicities refitted by L-BFGS to the head outputs, their values solved by
     # least squares for each (up to 100 iterations, chosen on held-out query chunks; kv_refine): SmolLM2, 8 tasks
     # 0.129 / 0.852 / 0.526 -> 0.049 / 0.911 / 0.693 (better on every task in all three), Gemma-3-270M 0.048 /
-    # 0.925 / 0.620 -> 0.031 / 0.946 / 0.729 (docs/fidelity.md, Ablations).
+    # 0.925 / 0.620 -> 0.031 / 0.946 / 0.729 (docs/fidelity.md, Ablations). Session 15: 100 iterations on all query
+    # chunks, no held-out choice (SmolLM2 0.056 / 0.911 / 0.708, Gemma-3 0.031 / 0.946 / 0.729; a third less work).
     "compact": CondenseConfig(attn="scalar", vector=False, matrix=False, kv=1.0, kv_budget=0.000865, kv_refine=100),
 }
