@@ -236,8 +236,8 @@ REFINE_STEP = 10  # L-BFGS iterations per optimiser step of the refit (the line 
 
 
 def _output_error(rows: Rows, keys: Tensor, values: Tensor, scaling: float) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The slots' refit objective over the query rows: a function of the slots' keys, log-multiplicities and
-    values (None: the best for those keys)."""
+    """The slots' refit objective over the query rows: a function of the slots' keys and log-multiplicities
+    (the values solved for)."""
     # (q, share, own): (KVH, N, hd), (KVH, N), (KVH, N, hd)
     parts = zip(*rows(), strict=True)
     q, w, own = (torch.cat([_by_kv_head(t.double(), keys.shape[0]) for t in part], 1) for part in parts)
@@ -248,21 +248,19 @@ def _output_error(rows: Rows, keys: Tensor, values: Tensor, scaling: float) -> C
     ww, wo, oo = want.pow(2).sum(-1), (want * own).sum(-1), own.pow(2).sum(-1)
     scale = float(ww.sum()) or 1.0
 
-    def error(kk: Tensor, bb: Tensor, vv: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The relative squared error of the rows' outputs at values ``vv`` (None: the best), and those values.
-        A row's output error is x_r vv - y_r with x_r = g_r p_r (its share g_r of the slots' mass, spread
-        by their softmax p_r) and y_r = want_r + g_r own_r."""
+    def error(kk: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
+        """The relative squared error of the rows' outputs at the best values for keys ``kk`` and
+        log-multiplicities ``bb``, and those values. A row's output error is x_r v - y_r with x_r = g_r p_r (its
+        share g_r of the slots' mass, spread by their softmax p_r) and y_r = want_r + g_r own_r."""
         z = (q @ kk.transpose(-1, -2)) * scaling + bb[:, None, :]
         g = torch.sigmoid(z.logsumexp(-1) - lse_own)[..., None]
         x = g * z.softmax(-1)
         gram = x.transpose(-1, -2) @ x
         rhs = x.transpose(-1, -2) @ want + (x * g).transpose(-1, -2) @ own
         yy = (ww + g[..., 0] * (2 * wo + g[..., 0] * oo)).sum()
-        if vv is None:
-            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-            vv = torch.linalg.solve(gram + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye, rhs)
-            return (yy - (rhs * vv).sum()) / scale, vv
-        return (yy - 2 * (rhs * vv).sum() + (vv * (gram @ vv)).sum()) / scale, vv
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        vv = torch.linalg.solve(gram + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye, rhs)
+        return (yy - (rhs * vv).sum()) / scale, vv
 
     return error
 

@@ -235,7 +235,7 @@ def test_refitted_slots_give_the_head_outputs_more_closely():
 
 def test_refit_error_from_gram_products_is_the_rows_output_error():
     """The refit's objective, computed from Gram products, is the rows' summed squared output error against the
-    prompted output (relative to the prompt's own part), and the values it solves for are the least-squares best."""
+    prompted output (relative to the prompt's own part) at the values it solves for, the least-squares best."""
     torch.manual_seed(2)
     kvh, n, m, hd, scaling = 2, 16, 3, 8, 8**-0.5
     rand = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
@@ -250,9 +250,6 @@ def test_refit_error_from_gram_products_is_the_rows_output_error():
     def direct(vals):
         return float((mix * (z.softmax(-1) @ vals - own) - prompt).pow(2).sum() / prompt.pow(2).sum())
 
-    error = _output_error(lambda: rows, keys, values, scaling)
-    at_v, same = error(k, b, v)
-    assert same is v and float(at_v) == pytest.approx(direct(v), rel=1e-9)
-    best, solved = error(k, b)
-    assert float(best) == pytest.approx(direct(solved), rel=1e-7) and float(best) < float(at_v)  # its 1e-9 ridge
-    assert direct(solved + 1e-3 * rand(kvh, m, hd)) > direct(solved)
+    best, solved = _output_error(lambda: rows, keys, values, scaling)(k, b)
+    assert float(best) == pytest.approx(direct(solved), rel=1e-7)  # the solve's 1e-9 ridge
+    assert direct(solved) < direct(v) and direct(solved + 1e-3 * rand(kvh, m, hd)) > direct(solved)
