@@ -225,10 +225,11 @@ def fit_slots(
         w = f * c[:, None, :]
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
-    v = solve(normalised, lambda p: p @ values.double(), v0)
     b = c.log()
-    if refine:
-        k, b, v = _refine(rows, keys.double(), values.double(), scaling, k, b, v, refine)
+    if refine:  # the refit solves for the values itself
+        k, b, v = _refine(rows, keys.double(), values.double(), scaling, k, b, refine)
+    else:
+        v = solve(normalised, lambda p: p @ values.double(), v0)
     return Slots(k.to(keys.dtype), v.to(values.dtype), b.to(values.dtype), at)
 
 
@@ -265,13 +266,13 @@ def _output_error(rows: Rows, keys: Tensor, values: Tensor, scaling: float) -> C
     return error
 
 
-def _refine(rows: Rows, keys, values, scaling, k, b, v, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def _refine(rows: Rows, keys, values, scaling, k, b, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Keys, log-multiplicities and values refitted jointly to the head outputs: the squared error of each row's
     output, the slots' part mixed with the row's own attention output by the softmax exactly as the prompt's is.
     The values enter linearly, so they are solved by least squares for any keys and multiplicities, which
     ``steps`` L-BFGS iterations (a multiple of :data:`REFINE_STEP`) fit on the error left at those values
     (variable projection: far fewer iterations than fitting all three), computed from Gram products so that no
-    pass touches a row's full output. Returns the keys, log-multiplicities and values."""
+    pass touches a row's full output; ``k``, ``b``: the start. Returns the keys, log-multiplicities and values."""
     error = _output_error(rows, keys, values, scaling)
     params = [t.detach().clone().contiguous().requires_grad_(True) for t in (k, b)]
     opt = torch.optim.LBFGS(params, max_iter=REFINE_STEP, line_search_fn="strong_wolfe")
