@@ -142,6 +142,7 @@ PART_SCALES = {
     "query": 0.1,
     "gate": 0.1,
     "down": 0.1,
+    "value": 0.1,
 }
 
 
@@ -157,10 +158,12 @@ def random_patch(
     dtype: torch.dtype = torch.float32,
     meta: dict[str, str] | None = None,
     inner: int = 64,
+    kv_heads: int = 2,
 ):
     """A patch with random values in the named parts at every block: ``attn`` (per-head maps), ``scalar``
     (per-head scales) or ``cross`` (one map across the heads), ``attn_bias``, ``vector``, ``matrix`` (rank ``rank``), ``query``, ``gate``, ``down``
-    (rank ``rank``, from MLP activations of width ``inner``).
+    (rank ``rank``, from MLP activations of width ``inner``), ``value`` (a change of the value projection, for
+    ``kv_heads`` key/value heads).
 
     Each part has its own size (``scale``: one for all); ``meta`` adds to a base model and a prompt hash.
     """
@@ -190,6 +193,8 @@ def random_patch(
             lp.attn_gate = r("gate", heads, d + 1)
         if "down" in parts:
             lp.down_a, lp.down_b = r("down", inner, rank) / (1 if scale else rank**0.5), r("down", d, rank)
+        if "value" in parts:
+            lp.value_weight = r("value", kv_heads * head_dim, d)
         return lp
 
     meta = {"base_model": "tiny", "prompt_sha256": f"{seed:064d}"} | (meta or {})

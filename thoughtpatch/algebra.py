@@ -27,7 +27,7 @@ from .patch import LayerPatch, Patch, attn_matrix
 
 __all__ = ["merge", "recompress", "factor_svd"]
 
-_SUMMED = ("attn_bias", "attn_query", "attn_gate", "vector")
+_SUMMED = ("attn_bias", "attn_query", "attn_gate", "vector", "value_weight")
 _FACTORS = {"matrix": ("matrix_a", "matrix_b"), "down": ("down_a", "down_b")}  # low-rank parts: (A, B)
 # metadata that describes the patch as a whole and carries over to a merge (the first parent's)
 _KEPT = ("base_model", "base_model_revision", "fingerprint", "model_parameters", "compute_dtype")

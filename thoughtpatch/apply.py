@@ -157,6 +157,17 @@ def _layer_hooks(blk: Block, lp: LayerPatch, placement: str, pos: Positions, hea
             return output + pos.gate((h @ lp.down_a.to(h)) @ lp.down_b.to(h).T)
 
         specs.append((blk.mlp_out, "fwd", down))
+    if lp.value_weight is not None:
+        if blk.value_proj is None:
+            raise UsageError(
+                f"block {blk.index}: the patch changes the value projection but this model fuses it with the query "
+                "and key projections; use a patch made for this model"
+            )
+
+        def value(module, args, output):  # v -> v + D x on the value projection
+            return output + pos.gate(args[0] @ lp.value_weight.to(output).T)
+
+        specs.append((blk.value_proj, "fwd", value))
     if lp.kv_key is not None:
         specs += slot_hooks(blk.attention, Slots(lp.kv_key, lp.kv_value, lp.kv_bias, lp.kv_position), pos)
     return specs

@@ -52,6 +52,7 @@ class Architecture:
     input_norm: str | None = "input_layernorm"  # None: the attention reads h itself
     attention: str = "self_attn"
     attn_out: str = "self_attn.o_proj"  # reads the concatenated head outputs
+    value_proj: str | None = "self_attn.v_proj"  # the value projection (reads what the attention reads); None: fused
     post_attn_norm: str | None = None  # sandwich norm applied to the attention branch
     mlp_norm: str | None = "post_attention_layernorm"  # N2: reads r, writes z (None: z = r)
     mlp: str = "mlp"  # the MLP (or mixture of experts) as a whole: reads z
@@ -121,6 +122,7 @@ _NEOX = dict(
     layers="gpt_neox.layers",
     attention="attention",
     attn_out="attention.dense",
+    value_proj=None,  # fused with the query and key projections
     mlp_inputs=("mlp.dense_h_to_4h",),
     mlp_out="mlp.dense_4h_to_h",
     attn_bias_modules=("attention.query_key_value", "attention.dense"),
@@ -138,7 +140,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma", ("gemma",), attn_bias_flag="attention_bias"),
     Architecture("gemma2", ("gemma2",), **_SANDWICH),
     Architecture("gemma3", ("gemma3_text",), **_SANDWICH),
-    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",)),
+    Architecture("phi3", ("phi3",), mlp_inputs=("mlp.gate_up_proj",), value_proj=None),
     Architecture(
         "gpt2",
         ("gpt2",),
@@ -147,6 +149,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         input_norm="ln_1",
         attention="attn",
         attn_out="attn.c_proj",
+        value_proj=None,
         mlp_norm="ln_2",
         mlp_inputs=("mlp.c_fc",),
         mlp_out="mlp.c_proj",
@@ -203,6 +206,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         input_norm="ln_1",
         attention="attn",
         attn_out="attn.out_proj",
+        value_proj="attn.v_proj",
         mlp_norm="ln_1",
         mlp_inputs=("mlp.fc_in",),
         mlp_out="mlp.fc_out",
@@ -231,6 +235,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layers="transformer.h",
         attention="self_attention",
         attn_out="self_attention.dense",
+        value_proj=None,
         mlp_norm="input_layernorm",
         mlp_inputs=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",

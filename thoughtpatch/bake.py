@@ -144,6 +144,8 @@ def plan_bake(
                 raise _refuse(what, i, "query-dependent attention term", "it reads the query")
             if lp.down_a is not None and arch.mlp_out is None:
                 raise _refuse(what, i, "down map", f"{arch.name} models have no single MLP output projection")
+            if lp.value_weight is not None and arch.value_proj is None:
+                raise _refuse(what, i, "value map", f"{arch.name} models fuse it with the query and key projections")
             if lp.vector is not None:
                 after = arch.post_attn_norm if patch.placement == "attn_out" else arch.post_mlp_norm
                 if after:
@@ -169,6 +171,8 @@ def plan_bake(
             plan.roles.update(dict.fromkeys(_mlp_input_tensors(arch, pre, headers or {}), ("mlp_in.weight", i)))
         if any(lp.down_a is not None for lp, _ in parts):
             plan.roles[pre + arch.mlp_out + ".weight"] = ("down.weight", i)
+        if any(lp.value_weight is not None for lp, _ in parts):
+            plan.roles[pre + arch.value_proj + ".weight"] = ("v.weight", i)
     for group, flag, modules, out in (
         ("attn", arch.attn_bias_flag, arch.attn_bias_modules, arch.attn_out),
         ("mlp", arch.mlp_bias_flag, arch.mlp_bias_modules, arch.mlp_out),
@@ -286,6 +290,8 @@ def bake_tensor(name: str, x, plan: BakePlan, read: Callable[[str], object]):
             x = x + _times_matrix(x, lp, plan)
         elif kind == "down.weight" and lp.down_a is not None:
             x = x + _cast(lp.down_b, x) @ _cast(lp.down_a, x).T
+        elif kind == "v.weight" and lp.value_weight is not None:
+            x = x + _cast(lp.value_weight, x)
         elif kind == "o.bias":
             if lp.attn_bias is not None:
                 x = x + w_o @ _cast(lp.attn_bias, x)

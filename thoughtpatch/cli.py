@@ -100,6 +100,14 @@ DownRidge = Annotated[
 DownRank = Annotated[
     int | None, typer.Option(help="Rank of the down maps (default: the mode's, 128 in bakeable; implies --down).")
 ]
+ValueMap = Annotated[
+    bool | None,
+    typer.Option(
+        "--value-map/--no-value-map",
+        help="Fit the value map: a change of the value projection, so that each head's output moves with what it "
+        "attends to (bakes into v_proj; default: the mode's, on in bakeable; not with --kv).",
+    ),
+]
 Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
 Layers = Annotated[str | None, typer.Option(help="Blocks to patch, e.g. 0-11,15 (default: all).")]
 Construction = Annotated[str | None, typer.Option(help="sequential (re-runs the model) or parallel.")]
@@ -430,6 +438,7 @@ def condense(
     down: Down = None,
     down_ridge: DownRidge = None,
     down_rank: DownRank = None,
+    value_map: ValueMap = None,
     strength: Strength = None,
     layers: Layers = None,
     construction: Construction = None,
@@ -458,7 +467,7 @@ def condense(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, construction=construction, skip=skip,
         kv=kv, kv_max=kv_max, kv_budget=kv_budget, kv_refine=kv_refine, down=down, down_ridge=down_ridge,
-        down_rank=down_rank,
+        down_rank=down_rank, value_map=value_map,
     )  # fmt: skip
     what = f"updates file {updates_file}"
     if cfg.construction == "parallel":  # condenses the updates themselves
@@ -504,6 +513,7 @@ def transmute(
     down: Down = None,
     down_ridge: DownRidge = None,
     down_rank: DownRank = None,
+    value_map: ValueMap = None,
     strength: Strength = None,
     layers: Layers = None,
     skip: Skip = None,
@@ -538,7 +548,7 @@ def transmute(
         mode, attn=attn, attn_query=attn_query, vector=vector, matrix=matrix, placement=placement, rank=rank,
         ridge=ridge, attn_ridge=attn_ridge, strength=strength, layers=layers, skip=skip, batch_size=batch_size,
         kv=kv, kv_max=kv_max, kv_budget=kv_budget, kv_refine=kv_refine, down=down, down_ridge=down_ridge,
-        down_rank=down_rank,
+        down_rank=down_rank, value_map=value_map,
     )  # fmt: skip
     if answer_tokens < 0:
         raise UsageError("--answer-tokens must be >= 0")

@@ -94,6 +94,10 @@ def diff_patches(a: Patch, b: Patch) -> dict:
         if ga is not None or gb is not None:
             ga, gb = (g if g is not None else torch.zeros_like(ga if ga is not None else gb) for g in (ga, gb))
             row |= {"down_norm_a": float(ga.norm()), "down_norm_b": float(gb.norm()), "down_rel_diff": _rel(ga, gb)}
+        va, vb = (None if lp is None or lp.value_weight is None else lp.value_weight.double() for lp in (la, lb))
+        if va is not None or vb is not None:
+            va, vb = (v if v is not None else torch.zeros_like(va if va is not None else vb) for v in (va, vb))
+            row |= {"value_norm_a": float(va.norm()), "value_norm_b": float(vb.norm()), "value_rel_diff": _rel(va, vb)}
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
         if wa is not None or wb is not None:
             # each as one matrix on the concatenated head outputs; zero where a patch has none
@@ -125,7 +129,8 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
 
     The thought matrix changes every MLP input matrix to ``W (I + M)``; the attention map changes the
     output projection to ``W_o (I + D)`` (``D`` block-diagonal per head); the down map the MLP output
-    projection to ``W_out + B A^T``. Vectors, biases and the query-dependent parts change no weight matrix;
+    projection to ``W_out + B A^T``; the value map the value projection to ``W_v + D_v``. Vectors, biases and
+    the query-dependent parts change no weight matrix;
     their norms are listed.
     """
     head_dim = head_shape(model)[1]
@@ -142,6 +147,9 @@ def diff_patch_model(patch: Patch, model: nn.Module) -> dict:
         if lp.down_a is not None and blk.mlp_out is not None:
             w_out = _weight(blk.mlp_out, blk.transposed)
             row["mlp_out_rel_change"] = float((lp.down_b.double() @ lp.down_a.double().T).norm() / w_out.norm())
+        if lp.value_weight is not None and blk.value_proj is not None:
+            wv = _weight(blk.value_proj, blk.transposed)
+            row["value_rel_change"] = float(lp.value_weight.double().norm() / wv.norm())
         for name, t in lp.tensors().items():
             if name in ("vector", "attn.bias", "attn.query", "attn.gate"):
                 row[name.replace(".", "_") + "_norm"] = float(t.norm())

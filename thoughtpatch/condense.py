@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .apply import Positions, head_shape, layer_hook_specs, per_head
+from .apply import Positions, head_shape, kv_heads, layer_hook_specs, per_head
 from .architectures import Architecture, architecture_for
 from .distributed import shard, share
 from .engine import (
@@ -44,7 +44,7 @@ from .extract import Updates, detect_sinks
 from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
-from .virtual import REFINE_STEP, SELECT, allowed_keys, dispatch, fit_slots, prefix_share
+from .virtual import REFINE_STEP, SELECT, allowed_keys, dispatch, fit_slots, own_attention, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -86,6 +86,8 @@ class CondenseConfig:
     kv_refine: int = 0  # slots: L-BFGS iterations refitting keys, multiplicities and values jointly (0: none)
     kv_select: str = "merge"  # slots: groups of all the prompt's tokens (merge) or the tokens with the most mass
     answer_weight: float = 1.0  # weight of the rows that predict answer tokens (the others weigh 1)
+    value_map: bool = False  # a change of the value projection fitted to the head outputs (bakes into v_proj)
+    value_ridge: float = 1.0  # its ridge, relative to the mean feature energy
 
     def validate(self, n_layers: int | None = None) -> None:
         if self.attn not in ATTN_MODES:
@@ -98,7 +100,7 @@ class CondenseConfig:
             raise UsageError(f"--rank must be a positive integer, not {self.rank}")
         if self.ridge < 0 or self.attn_ridge < 0:
             raise UsageError("--ridge and --attn-ridge must be >= 0")
-        if not (self.vector or self.matrix or self.attn != "none" or self.kv or self.down):
+        if not (self.vector or self.matrix or self.attn != "none" or self.kv or self.down or self.value_map):
             raise UsageError("nothing to condense: enable at least one of the vector, the matrix, the attention map")
         if self.bakeable and (self.attn_query or self.attn_gate or self.skip not in (None, 0)):
             raise UsageError("a bakeable patch cannot have query-dependent terms or skipped tokens (--skip 0)")
@@ -114,6 +116,10 @@ class CondenseConfig:
             raise UsageError(f"kv_select must be one of {', '.join(SELECT)}, not {self.kv_select!r}")
         if self.kv_refine < 0 or self.kv_refine % REFINE_STEP:
             raise UsageError(f"--kv-refine must be a multiple of {REFINE_STEP} iterations >= 0, not {self.kv_refine}")
+        if self.value_map and (self.kv or self.construction == "parallel"):
+            raise UsageError("the value map (--value-map) needs the sequential construction and no slots (--kv 0)")
+        if self.value_ridge < 0:
+            raise UsageError("--value-ridge must be >= 0")
         if self.bakeable and self.kv:
             raise UsageError("a bakeable patch cannot have virtual key/value slots (--kv 0)")
         if self.kv and self.construction == "parallel":
@@ -154,6 +160,8 @@ class CondenseConfig:
         }
         if self.answer_weight != 1:
             out["answer_weight"] = repr(self.answer_weight)
+        if self.value_map:
+            out |= {"value_map": "true", "value_ridge": repr(self.value_ridge)}
         return out | self._kv() | self._down()
 
     def _down(self) -> dict[str, str]:
@@ -478,9 +486,11 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
 
 def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
     """A config narrowed to what this family has: no down map without an MLP output projection (mixtures of
-    experts); when bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm
+    experts), no value map where the value projection is fused with the query and key projections; when bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm
     after it, the head map's constant part a bias on the attention output."""
-    cfg = replace(cfg, down=cfg.down and arch.mlp_out is not None)
+    cfg = replace(
+        cfg, down=cfg.down and arch.mlp_out is not None, value_map=cfg.value_map and arch.value_proj is not None
+    )
     if not cfg.bakeable:
         return cfg
     if cfg.placement == "skip":
@@ -682,6 +692,9 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
                     spill.put("rows", ch.n, rows if w is None else rows | {"w": w})
                 else:  # nothing to fit: advance at once
                     spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
+            if fit and cfg.value_map:
+                share(spill, "rows", [ch.n for ch in chunks], total)
+                slots = _value_map(model, blk, chunks, spill, pos, cfg)  # no slots with it (validate)
             if fit:
                 share(spill, "rows", [ch.n for ch in chunks], total)
                 lp, rejoin = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots)
@@ -705,7 +718,7 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     now: dict[str, Tensor] = {}
     scaling = getattr(blk.attention, "scaling", keys.shape[-1] ** -0.5)
 
-    def record(module, query, key, value, mask):
+    def record(module, query, key, value, mask, **kwargs):
         b, t, s = query.shape[0], query.shape[2], key.shape[2]
         own = (query @ key.repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(-1, -2)) * scaling
         reads = allowed_keys(mask, b, t, s, query.device) & ~pos.prefix_keys().to(query.device)[:, None, None, -s:]
@@ -731,6 +744,54 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     rows = lambda: (tuple(d[k] for k in parts if k in d) for d in (spill.get("q", n) for n in range(total)))  # noqa: E731
     slots = fit_slots(rows, keys, values, scaling, m, cfg.kv_ridge, first, cfg.kv_select, cfg.kv_refine)
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
+
+
+def _value_map(model, blk: Block, chunks, spill, pos: Positions, cfg: CondenseConfig) -> LayerPatch:
+    """Fit ``D_g`` (hd, d), a change of each key/value head's value projection, to the head outputs' error.
+
+    With ``v_s <- v_s + D x_s`` at the patched positions, head ``h`` (of key/value head ``g``) outputs exactly
+    ``o_h + D_g xbar_h``, ``xbar_h`` the head's attention-weighted mean of the inputs ``x_s`` it reads there
+    (the model's own attention computes it, given the inputs as values): a ridge least-squares fit in
+    ``xbar``, which reads what the head attends to, not only the token's own state. The rows' prompt-free
+    head outputs are then recomputed with the change installed, for the fits after it."""
+    heads, hd = head_shape(model)
+    kvh = kv_heads(model)
+    group = heads // kvh
+    stats = [MatrixStats() for _ in range(kvh)]
+    now: dict[str, Tensor] = {}
+
+    def record(module, query, key, value, mask, **kwargs):
+        x = now.pop("x")[:, -key.shape[2] :]
+        x = x if pos.mask is None else x * pos.mask.to(x)[:, -key.shape[2] :]
+        xbar = own_attention(module)(module, query, key, x[:, None].expand(-1, key.shape[1], -1, -1), mask, **kwargs)
+        now["xbar"] = xbar[0][now["query"]].float()  # (R, H, d)
+        raise StopBlock
+
+    blk.attention._thoughtpatch_record = record
+    try:
+        with dispatch(model):
+            for ch in chunks:
+                now["query"] = ch.query
+                _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, [blk.attn_input(lambda x: now.update(x=x))])
+                xbar, d = now.pop("xbar"), spill.get("rows", ch.n)
+                r = (d["oc"] - d["o0"]).float().unflatten(-1, (heads, hd))
+                w = d["w"].repeat_interleave(group) if "w" in d else None
+                for g in range(kvh):
+                    heads_g = slice(g * group, (g + 1) * group)
+                    a, u = xbar[:, heads_g].flatten(0, 1), r[:, heads_g].flatten(0, 1)
+                    stats[g].add(None, a, u, w)
+    finally:
+        del blk.attention._thoughtpatch_record
+    where = f"block {blk.index} value map"
+    out = LayerPatch(
+        value_weight=torch.cat([s.matrix(cfg.value_ridge, where, "--value-ridge")[0] for s in stats]).float()
+    )
+    specs = layer_hook_specs(model, Patch({blk.index: out}, cfg.placement, pos.skip), pos)
+    for ch in chunks:  # the rows' prompt-free parts with the change installed
+        seen: dict[str, Tensor] = {}
+        _run_free(blk, ch, spill.get("f", ch.n)["h"], pos, specs + _taps(blk, seen))
+        spill.put("rows", ch.n, spill.get("rows", ch.n) | {k + "0": v[ch.query] for k, v in seen.items()})
+    return out
 
 
 def _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots=None) -> tuple[LayerPatch, bool]:

@@ -65,6 +65,7 @@ class Block:
     branch_scale: float = 1.0  # the factor on the attention and MLP outputs before they join the residual
     mlp_out: nn.Module | None = None  # the MLP's output projection (reads the MLP's hidden activations)
     post_mlp_norm: nn.Module | None = None  # a norm on the MLP's output before it joins the residual
+    value_proj: nn.Module | None = None  # the value projection (None: fused with the query and key projections)
 
     def norm2(self, r: Tensor) -> Tensor:
         """The MLP input ``z`` for a mid-residual ``r`` (sequential blocks)."""
@@ -111,6 +112,7 @@ def blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             arch.branch_scale(model.config),
             _find(layer, arch.mlp_out),
             _find(layer, arch.post_mlp_norm),
+            _find(layer, arch.value_proj),
         )
         for i, layer in enumerate(layers)
     ]

@@ -91,6 +91,10 @@ def exportable(patch: Patch, arch: Architecture, target: str, drop_vectors: bool
     for i, lp in sorted(patch.layers.items()):
         if lp.down_a is not None and arch.mlp_out is None:
             raise UsageError(f"{what}: block {i}'s down map needs an MLP output projection, which {arch.name} lacks")
+        if lp.value_weight is not None and arch.value_proj is None:
+            raise UsageError(
+                f"{what}: block {i}'s value map needs a value projection of its own, which {arch.name} lacks"
+            )
         why = {}
         if lp.vector is not None:
             if target == "gguf" and patch.placement == "attn_out":
@@ -157,6 +161,9 @@ def lora_terms(
                 v = lp.vector.float() / branch_scale if patch.placement == "attn_out" and lp.vector is not None else 0
                 bias = w_o @ c + v
             terms.append(LoraTerm(pre + arch.attn_out, a, b, bias))
+        if lp.value_weight is not None:  # W_v + D: D = I D, of rank at most the projection's output width
+            d = lp.value_weight.float()
+            terms.append(LoraTerm(pre + arch.value_proj, d, torch.eye(d.shape[0])))
         if lp.matrix_a is not None:
             for m in arch.mlp_inputs:
                 terms.append(LoraTerm(pre + m, lp.matrix_a.float().T, weight(pre + m) @ lp.matrix_b.float()))

@@ -18,6 +18,9 @@ Tensors, per block ``l`` (0-based), each optional:
 * ``layers.l.down.B`` / ``layers.l.down.A``: ``(d, k)`` / ``(I, k)`` factors of the down map ``G = B A^T`` from
   the MLP's hidden activations ``h`` (the input of its output projection, width ``I``) to its output:
   ``y <- y + G h``, i.e. the output projection ``W_out <- W_out + B A^T``.
+* ``layers.l.value.weight``: ``(KVH*hd, d)``, a change of the value projection, ``v <- v + weight x`` at every
+  patched position (``x``: what the attention reads); it moves each head's output by ``weight_g xbar_h``,
+  ``xbar_h`` the head's attention-weighted mean of the inputs it reads (bakes into ``v_proj``).
 * ``layers.l.kv.key`` / ``layers.l.kv.value``: ``(KVH, m, hd)`` virtual key/value slots and
   ``layers.l.kv.bias`` / ``layers.l.kv.position``: ``(KVH, m)`` their log-multiplicities and positions (for
   sliding-window layers) (thoughtpatch.virtual): at the patched positions
@@ -74,6 +77,7 @@ _PARTS = {
     "kv_position": "kv.position",
     "down_a": "down.A",
     "down_b": "down.B",
+    "value_weight": "value.weight",
 }
 
 
@@ -109,6 +113,7 @@ class LayerPatch:
     kv_position: Tensor | None = None
     down_a: Tensor | None = None
     down_b: Tensor | None = None
+    value_weight: Tensor | None = None  # (KVH x hd, d): a change of the value projection (bakes into v_proj)
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, f) for f, name in _PARTS.items() if getattr(self, f) is not None}
@@ -187,6 +192,7 @@ def patch_to_bytes(patch: Patch) -> bytes:
                 "matrix": "MLP input: every matrix W that reads it becomes W (I + B A^T)",
             }
             | ({"down": "MLP output projection: W_out becomes W_out + B A^T"} if _has(patch, "down_a") else {})
+            | ({"value": "value projection: W_v becomes W_v + weight"} if _has(patch, "value_weight") else {})
             | (
                 {"kv": "attention keys/values: the slots replace the skipped leading tokens at the patched positions"}
                 if _has(patch, "kv_key")
@@ -306,6 +312,7 @@ def _check_sizes(layers: dict[int, LayerPatch], hidden: int, n_layers: int, what
             "down.B": None if lp.down_b is None else lp.down_b.shape[0],
             "attn.query": None if lp.attn_query is None else lp.attn_query.shape[1],
             "attn.gate": None if lp.attn_gate is None else lp.attn_gate.shape[1] - 1,
+            "value.weight": None if lp.value_weight is None else lp.value_weight.shape[1],
         }
         for name, n in got.items():
             if n is not None and n != hidden:
@@ -353,6 +360,14 @@ def validate_for(
             raise UsageError(
                 f"{what}: layer {i} matrix factors have {lp.matrix_a.shape[0]} rows, the model needs {hidden}"
             )
+        v = lp.value_weight
+        if v is not None and (
+            v.shape[1] != hidden or v.shape[0] % head_dim or (kv_heads and v.shape[0] != kv_heads * head_dim)
+        ):
+            raise UsageError(
+                f"{what}: layer {i} value.weight has shape {tuple(v.shape)}, the model needs "
+                f"({kv_heads or 'key/value heads'} x {head_dim}, {hidden})"
+            )
         if lp.down_a is not None and (
             lp.down_b.shape[0] != hidden or lp.down_a.shape[0] != (inner or lp.down_a.shape[0])
         ):
@@ -376,6 +391,8 @@ def describe_patch(patch: Patch) -> dict:
         if lp.down_a is not None:
             row["down_rank"] = int(lp.down_a.shape[1])
             row["down_norm"] = float((lp.down_b @ lp.down_a.T).norm())
+        if lp.value_weight is not None:
+            row["value_norm"] = float(lp.value_weight.norm())
         if lp.attn_weight is not None:
             row["attn_weight_norm"] = float(lp.attn_weight.norm())
             row["attn_form"] = attn_form(lp.attn_weight)

@@ -41,7 +41,8 @@ class Slots:
     position: Tensor | None = None
 
 
-def _inner(module: nn.Module) -> Callable:
+def own_attention(module: nn.Module) -> Callable:
+    """The attention function the model runs without slots (its configured one, or its own eager code)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = _INNER.get(id(module.config), "eager")
@@ -51,10 +52,10 @@ def _inner(module: nn.Module) -> Callable:
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """The attention function :func:`dispatch` installs: the model's own, plus slots where a hook set them."""
-    inner = _inner(module)
+    inner = own_attention(module)
     record = getattr(module, "_thoughtpatch_record", None)
     if record is not None:
-        record(module, query, key, value, attention_mask)
+        record(module, query, key, value, attention_mask, **kwargs)
     state = getattr(module, "_thoughtpatch_slots", None)
     if state is None:
         return inner(module, query, key, value, attention_mask, **kwargs)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tiny import random_patch
 from transformers import AutoModelForCausalLM
 
-from thoughtpatch.apply import installed, mlp_width
+from thoughtpatch.apply import installed, kv_heads, mlp_width
 from thoughtpatch.architectures import architecture_for
 from thoughtpatch.bake import bake_checkpoint, bake_tensor, patch_record, plan_bake
 from thoughtpatch.condense import CondenseConfig, for_family
@@ -71,16 +71,20 @@ IDS = [[5, 17, 33, 101, 7, 250, 64, 3, 99, 12, 45, 300]]
 
 def patches_for(family: str) -> list[Patch]:
     """Three patches with every part the family bakes (the second with scalar head maps, the third with a map
-    across the heads, the first with a down map where the family has an MLP output projection)."""
+    across the heads, the first with a down map where the family has an MLP output projection and a value map
+    where it has a value projection of its own)."""
     can = CAN[family]
     first = {"attn", "matrix"} | ({"attn_bias"} & can) | ({"down"} if family not in MOE else set())
     placement = "attn_out" if "attn_out" in can else "skip"
     if placement in can:
         first.add("vector")
     second = {"scalar", "matrix"} | ({"vector"} if "skip" in can else set())
-    inner = mlp_width(AutoModelForCausalLM.from_config(tiny.config(family))) or 0
+    model = AutoModelForCausalLM.from_config(tiny.config(family))
+    inner, kvh = mlp_width(model) or 0, kv_heads(model)
+    if architecture_for(model).value_proj is not None:
+        first.add("value")
     return [
-        random_patch(first, placement, seed=1, meta=META, inner=inner),
+        random_patch(first, placement, seed=1, meta=META, inner=inner, kv_heads=kvh),
         random_patch(second, seed=2, meta=META),
         random_patch({"cross"}, seed=3, meta=META),
     ]

@@ -67,8 +67,9 @@ CASES = {  # family or folder, parts, placement, whether merge_and_unload() can 
     "llama-bias-full": ("bias", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),
     "llama-bias-attn_out": ("bias", {"scalar", "attn_bias", "vector", "matrix"}, "attn_out", True),
     "gpt2": ("gpt2", {"attn", "attn_bias", "vector", "matrix", "down"}, "skip", True),  # down on a Conv1D
-    "llama-bias-cross": ("bias", {"cross", "attn_bias", "vector", "down"}, "skip", True),  # a map across the heads
-    "gemma2": ("gemma2", {"attn", "attn_bias", "matrix"}, "skip", False),  # no o_proj bias to merge into
+    # a map across the heads and a value map: the bakeable preset's parts
+    "llama-bias-cross": ("bias", {"cross", "attn_bias", "vector", "down", "value"}, "skip", True),
+    "gemma2": ("gemma2", {"attn", "attn_bias", "matrix", "value"}, "skip", False),  # no o_proj bias to merge into
     "phi3": ("phi3", {"attn", "matrix"}, "skip", True),  # no biases needed
     # vectors on branches that residual_multiplier scales
     "granite-attn_out": ("granite", {"attn", "attn_bias", "vector", "matrix"}, "attn_out", False),
