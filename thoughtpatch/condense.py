@@ -693,8 +693,7 @@ def _sequential(model: nn.Module, pairs: TokenPairs, cfg: CondenseConfig, progre
                 else:  # nothing to fit: advance at once
                     spill.put("f", ch.n, {"h": _run_free(blk, ch, h, pos, [])})
             if fit and cfg.value_map:
-                share(spill, "rows", [ch.n for ch in chunks], total)
-                slots = _value_map(model, blk, chunks, spill, pos, cfg)  # no slots with it (validate)
+                slots = _value_map(model, blk, chunks, total, spill, pos, cfg)  # no slots with it (validate)
             if fit:
                 share(spill, "rows", [ch.n for ch in chunks], total)
                 lp, rejoin = _fit_block(model, blk, chunks, total, spill, cfg, pos, energies, ridges, slots)
@@ -746,7 +745,7 @@ def _slots(blk: Block, chunks, total: int, spill, pos: Positions, keys, values, 
     return LayerPatch(kv_key=slots.key, kv_value=slots.value, kv_bias=slots.bias, kv_position=slots.position)
 
 
-def _value_map(model, blk: Block, chunks, spill, pos: Positions, cfg: CondenseConfig) -> LayerPatch:
+def _value_map(model, blk: Block, chunks, total: int, spill, pos: Positions, cfg: CondenseConfig) -> LayerPatch:
     """Fit ``D_g`` (hd, d), a change of each key/value head's value projection, to the head outputs' error.
 
     With ``v_s <- v_s + D x_s`` at the patched positions, head ``h`` (of key/value head ``g``) outputs exactly
@@ -757,7 +756,6 @@ def _value_map(model, blk: Block, chunks, spill, pos: Positions, cfg: CondenseCo
     heads, hd = head_shape(model)
     kvh = kv_heads(model)
     group = heads // kvh
-    stats = [MatrixStats() for _ in range(kvh)]
     now: dict[str, Tensor] = {}
 
     def record(module, query, key, value, mask, **kwargs):
@@ -776,12 +774,19 @@ def _value_map(model, blk: Block, chunks, spill, pos: Positions, cfg: CondenseCo
                 xbar, d = now.pop("xbar"), spill.get("rows", ch.n)
                 r = (d["oc"] - d["o0"]).float().unflatten(-1, (heads, hd))
                 w = d["w"].repeat_interleave(group) if "w" in d else None
+                mine = {}  # per key/value head: the Gram matrix of xbar, the error's products with it, the weight
                 for g in range(kvh):
                     heads_g = slice(g * group, (g + 1) * group)
-                    a, u = xbar[:, heads_g].flatten(0, 1), r[:, heads_g].flatten(0, 1)
-                    stats[g].add(None, a, u, w)
+                    st = MatrixStats().add(None, xbar[:, heads_g].flatten(0, 1), r[:, heads_g].flatten(0, 1), w)
+                    mine |= {f"aa{g}": st.s_aa, f"ua{g}": st.s_ua, f"n{g}": torch.tensor([st.n], dtype=torch.float64)}
+                spill.put("value", ch.n, mine)
     finally:
         del blk.attention._thoughtpatch_record
+    share(spill, "value", [ch.n for ch in chunks], total)  # summed in chunk order: the same bytes on any ranks
+    stats = [MatrixStats() for _ in range(kvh)]
+    for n in range(total):
+        d = spill.get("value", n)
+        stats = [st + MatrixStats(float(d[f"n{g}"]), None, d[f"aa{g}"], d[f"ua{g}"]) for g, st in enumerate(stats)]
     where = f"block {blk.index} value map"
     out = LayerPatch(
         value_weight=torch.cat([s.matrix(cfg.value_ridge, where, "--value-ridge")[0] for s in stats]).float()

@@ -27,7 +27,9 @@ def single(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "command", [["transmute"], ["extract"], ["transmute", "--mode", "bakeable", "--down-rank", "4"]], ids=str
+    "command",
+    [["transmute"], ["extract"], ["transmute", "--mode", "bakeable", "--down-rank", "4", "--value-map"]],
+    ids=str,
 )
 def test_two_gloo_processes_write_the_single_process_bytes(tiny_dir, tmp_path, command):
     model = tiny_dir("llama")
