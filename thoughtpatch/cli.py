@@ -105,7 +105,7 @@ ValueMap = Annotated[
     typer.Option(
         "--value-map/--no-value-map",
         help="Fit the value map: a change of the value projection, so that each head's output moves with what it "
-        "attends to (bakes into v_proj; default: the mode's, on in bakeable; not with --kv).",
+        "attends to (bakes into v_proj; off in every mode: docs/fidelity.md; not with --kv).",
     ),
 ]
 Strength = Annotated[float | None, typer.Option(help="Global strength alpha of every part.")]
