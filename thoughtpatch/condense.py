@@ -44,7 +44,7 @@ from .extract import Updates, detect_sinks
 from .files import Spill
 from .patch import LayerPatch, Patch
 from .prompts import TokenPairs
-from .virtual import REFINE_STEP, SELECT, allowed_keys, dispatch, fit_slots, own_attention, prefix_share
+from .virtual import REFINE_STEP, SELECT, allowed_keys, attended_inputs, dispatch, fit_slots, prefix_share
 
 __all__ = ["CondenseConfig", "Affine", "MatrixStats", "condense", "condense_updates", "ridge_solve", "truncate"]
 
@@ -486,8 +486,9 @@ def condense_updates(updates: Updates, cfg: CondenseConfig) -> Patch:
 
 def for_family(cfg: CondenseConfig, arch: Architecture) -> CondenseConfig:
     """A config narrowed to what this family has: no down map without an MLP output projection (mixtures of
-    experts), no value map where the value projection is fused with the query and key projections; when bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm
-    after it, the head map's constant part a bias on the attention output."""
+    experts), no value map where the value projection is fused with the query and key projections; when
+    bakeable, to what folds exactly into its weights: a thought vector needs a bias with no norm after it, the
+    head map's constant part a bias on the attention output."""
     cfg = replace(
         cfg, down=cfg.down and arch.mlp_out is not None, value_map=cfg.value_map and arch.value_proj is not None
     )
@@ -750,7 +751,7 @@ def _value_map(model, blk: Block, chunks, total: int, spill, pos: Positions, cfg
 
     With ``v_s <- v_s + D x_s`` at the patched positions, head ``h`` (of key/value head ``g``) outputs exactly
     ``o_h + D_g xbar_h``, ``xbar_h`` the head's attention-weighted mean of the inputs ``x_s`` it reads there
-    (the model's own attention computes it, given the inputs as values): a ridge least-squares fit in
+    (the model's own eager attention computes it, given the inputs as values): a ridge least-squares fit in
     ``xbar``, which reads what the head attends to, not only the token's own state. The rows' prompt-free
     head outputs are then recomputed with the change installed, for the fits after it."""
     heads, hd = head_shape(model)
@@ -761,8 +762,7 @@ def _value_map(model, blk: Block, chunks, total: int, spill, pos: Positions, cfg
     def record(module, query, key, value, mask, **kwargs):
         x = now.pop("x")[:, -key.shape[2] :]
         x = x if pos.mask is None else x * pos.mask.to(x)[:, -key.shape[2] :]
-        xbar = own_attention(module)(module, query, key, x[:, None].expand(-1, key.shape[1], -1, -1), mask, **kwargs)
-        now["xbar"] = xbar[0][now["query"]].float()  # (R, H, d)
+        now["xbar"] = attended_inputs(module, query, key, x, mask, **kwargs)[now["query"]].float()  # (R, H, d)
         raise StopBlock
 
     blk.attention._thoughtpatch_record = record

@@ -24,7 +24,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NAME", "Slots", "attention", "dispatch", "slot_hooks", "fit_slots", "prefix_share", "allowed_keys"]
+__all__ = [
+    "NAME",
+    "Slots",
+    "attention",
+    "attended_inputs",
+    "dispatch",
+    "slot_hooks",
+    "fit_slots",
+    "prefix_share",
+    "allowed_keys",
+]
 
 NAME = "thoughtpatch"
 _INNER: dict[int, str] = {}  # id(config) -> the attention implementation the model had
@@ -41,13 +51,27 @@ class Slots:
     position: Tensor | None = None
 
 
-def own_attention(module: nn.Module) -> Callable:
-    """The attention function the model runs without slots (its configured one, or its own eager code)."""
+def own_attention(module: nn.Module, eager: bool = False) -> Callable:
+    """The attention function the model runs without slots (its configured one, or its own eager code: with
+    ``eager``, always that, which takes values of any width)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = _INNER.get(id(module.config), "eager")
+    name = "eager" if eager else _INNER.get(id(module.config), "eager")
     own_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     return ALL_ATTENTION_FUNCTIONS.get_interface(name, own_eager)
+
+
+def attended_inputs(module: nn.Module, query: Tensor, key: Tensor, x: Tensor, attention_mask, **kwargs) -> Tensor:
+    """(B, T, H, d): each head's attention-weighted mean of the inputs ``x`` (B, S, d) at the keys it reads,
+    by the model's own eager attention given ``x`` as values (any width; soft-capping, windows and grouped
+    heads as the model has them). What a change ``D`` of the value projection moves each head by, times ``D``."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:  # eager code adds it: make it additive
+        reads = allowed_keys(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+        attention_mask = torch.zeros(reads.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~reads, -torch.inf
+        )
+    values = x[:, None].expand(-1, key.shape[1], -1, -1)  # one copy per key/value head
+    return own_attention(module, eager=True)(module, query, key, values, attention_mask, **kwargs)[0]
 
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
