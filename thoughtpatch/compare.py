@@ -67,6 +67,15 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm()) / scale if scale else 0.0
 
 
+def _norms_and_diff(name: str, a: Tensor | None, b: Tensor | None) -> dict[str, float]:
+    """A part's norm in each patch and their relative difference (a part one patch lacks counts as zero); none
+    where neither has it."""
+    if a is None and b is None:
+        return {}
+    a, b = (t if t is not None else torch.zeros_like(a if a is not None else b) for t in (a, b))
+    return {f"{name}_norm_a": float(a.norm()), f"{name}_norm_b": float(b.norm()), f"{name}_rel_diff": _rel(a, b)}
+
+
 def diff_patches(a: Patch, b: Patch) -> dict:
     """Patch ``a`` against patch ``b``, block by block (parts either lacks count as zero)."""
     rows = []
@@ -88,22 +97,21 @@ def diff_patches(a: Patch, b: Patch) -> dict:
                 "effective_rank_a": _entropy_rank(sa), "effective_rank_b": _entropy_rank(sb),
                 "write_overlap": write_overlap, "read_overlap": _angles(va, vb)[1], "principal_angles_deg": write,
             }  # fmt: skip
-        ga, gb = (
-            None if lp is None or lp.down_a is None else lp.down_b.double() @ lp.down_a.double().T for lp in (la, lb)
+        row |= _norms_and_diff(
+            "down",
+            *(
+                None if lp is None or lp.down_a is None else lp.down_b.double() @ lp.down_a.double().T
+                for lp in (la, lb)
+            ),
         )
-        if ga is not None or gb is not None:
-            ga, gb = (g if g is not None else torch.zeros_like(ga if ga is not None else gb) for g in (ga, gb))
-            row |= {"down_norm_a": float(ga.norm()), "down_norm_b": float(gb.norm()), "down_rel_diff": _rel(ga, gb)}
-        va, vb = (None if lp is None or lp.value_weight is None else lp.value_weight.double() for lp in (la, lb))
-        if va is not None or vb is not None:
-            va, vb = (v if v is not None else torch.zeros_like(va if va is not None else vb) for v in (va, vb))
-            row |= {"value_norm_a": float(va.norm()), "value_norm_b": float(vb.norm()), "value_rel_diff": _rel(va, vb)}
+        row |= _norms_and_diff(
+            "value", *(None if lp is None or lp.value_weight is None else lp.value_weight.double() for lp in (la, lb))
+        )
         wa, wb = (None if lp is None else lp.attn_weight for lp in (la, lb))
-        if wa is not None or wb is not None:
-            # each as one matrix on the concatenated head outputs; zero where a patch has none
-            fa, fb = (None if w is None else attn_matrix(w.double(), _head_dim(wa, wb)) for w in (wa, wb))
-            fa, fb = (f if f is not None else torch.zeros_like(fa if fa is not None else fb) for f in (fa, fb))
-            row |= {"attn_norm_a": float(fa.norm()), "attn_norm_b": float(fb.norm()), "attn_rel_diff": _rel(fa, fb)}
+        # each as one matrix on the concatenated head outputs
+        row |= _norms_and_diff(
+            "attn", *(None if w is None else attn_matrix(w.double(), _head_dim(wa, wb)) for w in (wa, wb))
+        )
         rows.append(row)
     return {"kind": "patch_vs_patch", "parameters": [a.numel(), b.numel()], "layers": rows}
 

@@ -51,7 +51,7 @@ class Slots:
     position: Tensor | None = None
 
 
-def own_attention(module: nn.Module, eager: bool = False) -> Callable:
+def _inner(module: nn.Module, eager: bool = False) -> Callable:
     """The attention function the model runs without slots (its configured one, or its own eager code: with
     ``eager``, always that, which takes values of any width)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -71,12 +71,12 @@ def attended_inputs(module: nn.Module, query: Tensor, key: Tensor, x: Tensor, at
             ~reads, -torch.inf
         )
     values = x[:, None].expand(-1, key.shape[1], -1, -1)  # one copy per key/value head
-    return own_attention(module, eager=True)(module, query, key, values, attention_mask, **kwargs)[0]
+    return _inner(module, eager=True)(module, query, key, values, attention_mask, **kwargs)[0]
 
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """The attention function :func:`dispatch` installs: the model's own, plus slots where a hook set them."""
-    inner = own_attention(module)
+    inner = _inner(module)
     record = getattr(module, "_thoughtpatch_record", None)
     if record is not None:
         record(module, query, key, value, attention_mask, **kwargs)

@@ -9,6 +9,7 @@ import torch
 from thoughtpatch import Prompt, align, load_model
 from thoughtpatch.apply import head_shape, installed, kv_heads
 from thoughtpatch.architectures import architecture_for
+from thoughtpatch.compare import diff_patches
 from thoughtpatch.condense import CondenseConfig, condense
 from thoughtpatch.engine import blocks, hooks
 from thoughtpatch.errors import UsageError
@@ -108,6 +109,12 @@ def test_value_map_round_trips_bakes_and_is_refused_where_the_family_fuses_it(ti
     back = patch_from_bytes(patch_to_bytes(patch))
     assert torch.equal(back.layers[0].value_weight, patch.layers[0].value_weight) and back.bakeable
     assert describe_patch(back)["layers"][0]["value_norm"] == pytest.approx(float(patch.layers[0].value_weight.norm()))
+    row = diff_patches(patch, Patch({0: LayerPatch(vector=torch.ones(32))}, skip=0))["layers"][0]
+    assert (row["value_norm_a"], row["value_norm_b"], row["value_rel_diff"]) == (
+        pytest.approx(float(patch.layers[0].value_weight.norm())),
+        0.0,
+        1.0,
+    )
     with pytest.raises(UsageError, match="value map"):
         bake_checkpoint(tiny_dir("gpt2"), tmp_path / "o", [patch], [{"file": "v"}])
     model = load_model(str(tiny_dir("gpt2"))).model  # four key/value heads
