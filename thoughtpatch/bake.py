@@ -35,7 +35,6 @@ import os
 import shutil
 import signal
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +48,7 @@ import numpy as np
 from . import __version__
 from .architectures import Architecture, architecture_for
 from .errors import UsageError
-from .files import array_from_bytes, array_to_bytes
+from .files import array_from_bytes, array_to_bytes, partial_folder
 from .patch import LayerPatch, Patch, validate_for
 
 __all__ = [
@@ -533,17 +532,9 @@ def bake_checkpoint(
     headers = {k: v for f in files for k, v in parsed[f][0].items() if k != "__metadata__"}
     plan = plan_bake(patches, arch, config, device, [r["file"] for r in records], headers)
     _check_shapes(plan, headers, config_sizes(config, arch)[0])
-    with _signals_raise():
-        tmp = Path(tempfile.mkdtemp(dir=dst.resolve().parent, prefix=f".{dst.name}.", suffix=".partial"))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            _write_all(src, tmp, config, plan, records, shard_of, parsed, headers, log, progress)
-            os.rename(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with _signals_raise(), partial_folder(dst) as tmp:
+        _write_all(src, tmp, config, plan, records, shard_of, parsed, headers, log, progress)
+        os.rename(tmp, dst)
     summary = {"output": str(dst), "shards": len(parsed), "tensors_changed": len(plan.roles)}
     return summary | {"biases_added": len(plan.new), "flags_turned_on": plan.flags}
 

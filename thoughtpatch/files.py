@@ -32,6 +32,7 @@ __all__ = [
     "split_header",
     "join_header",
     "new_folder",
+    "partial_folder",
     "array_from_bytes",
     "array_to_bytes",
     "Spill",
@@ -374,17 +375,36 @@ def new_folder(path: str | Path) -> Iterator[Path]:
         raise UsageError(f"output {path}: already exists; choose a new folder or remove it")
     if not target.resolve().parent.is_dir():
         raise UsageError(f"output {path}: folder {target.resolve().parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    with partial_folder(target) as tmp:
         yield tmp
         if target.exists():
             target.rmdir()
         os.rename(tmp, target)
+
+
+@contextmanager
+def partial_folder(target: Path) -> Iterator[Path]:
+    """A new temporary folder next to ``target`` (the umask's permissions), removed if the block fails. Ctrl-C
+    and SIGTERM are held while it is made: one landing between its creation and the cleanup's reach would leave
+    it behind."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".partial"))
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
